@@ -1,0 +1,11 @@
+"""The only importer of scikit-learn private API (and any version shims)."""
+
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import _check_sample_weight
+
+__all__ = ["Interval", "StrOptions", "check_sample_weight"]
+
+
+def check_sample_weight(sample_weight, X):  # noqa: ANN001, ANN201 - thin shim
+    """Validate ``sample_weight`` against ``X`` (non-negative, one per row)."""
+    return _check_sample_weight(sample_weight, X, ensure_non_negative=True)

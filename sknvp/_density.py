@@ -1,0 +1,571 @@
+"""`RealNVPDensity`: the scikit-learn face of the Real-NVP flow."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, DensityMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._compat import Interval, StrOptions, check_sample_weight
+from ._training import fit_flow
+from ._utils import TORCH_DTYPES, derive_seed, map_batches, resolve_device
+from .flows import RealNVPFlow, build_realnvp
+from .masks import MASK_TYPES, coupling_masks
+from .nets import ACTIVATIONS
+
+__all__ = ["RealNVPDensity"]
+
+_INFERENCE_ROWS = 65536
+
+
+def _check_hidden_layer_sizes(sizes) -> tuple[int, ...]:
+    sizes = (sizes,) if isinstance(sizes, Integral) else tuple(sizes)
+    if not all(isinstance(s, Integral) and s > 0 for s in sizes):
+        raise ValueError(
+            f"hidden_layer_sizes must be positive integers, got {sizes}."
+        )
+    return tuple(int(s) for s in sizes)
+
+
+def _check_mask_array(mask, n_couplings: int, n_features: int) -> torch.Tensor:
+    mask = np.asarray(mask)
+    if mask.shape != (n_couplings, n_features):
+        raise ValueError(
+            f"Expected mask of shape (n_couplings, n_features) = {(n_couplings, n_features)}, "
+            f"got {mask.shape}."
+        )
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("Expected a binary mask (0/1 or bool), got other values.")
+    mask = mask.astype(bool)
+    never = np.flatnonzero(mask.all(axis=0))
+    if n_features > 1 and never.size:
+        raise ValueError(
+            f"The mask never transforms feature(s) {never.tolist()}: every feature needs a "
+            "False entry in some coupling. Use mask='fixed' to study that failure on purpose."
+        )
+    return torch.as_tensor(mask)
+
+
+def _standardization(X: np.ndarray, sample_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    loc = np.average(X, axis=0, weights=sample_weight)
+    var = np.average((X - loc) ** 2, axis=0, weights=sample_weight)
+    scale = np.sqrt(var)
+    tiny = ~(scale > 1e-12 * np.maximum(np.abs(loc), 1.0))
+    if tiny.any():
+        warnings.warn(
+            f"Feature(s) {np.flatnonzero(tiny).tolist()} are (nearly) constant: their density "
+            "is degenerate and the fitted log-likelihood can grow without bound. Drop them or "
+            "add noise.",
+            UserWarning,
+            stacklevel=4,
+        )
+        scale = np.where(tiny, 1.0, scale)
+    return loc, scale
+
+
+class RealNVPDensity(DensityMixin, BaseEstimator):
+    r"""Density estimation with a Real-NVP normalizing flow.
+
+    The flow is a stack of affine coupling layers (Dinh et al., 2016) on a standard normal
+    base. Features are standardised inside the flow, and that map's log-determinant is part of
+    every log-density, so :meth:`score_samples` returns log-densities in the units of ``X``.
+
+    Read more in the :ref:`User Guide <user_guide>`.
+
+    Parameters
+    ----------
+    n_couplings : int, default=8
+        Number of affine coupling layers.
+    hidden_layer_sizes : tuple of int, default=(64, 64)
+        Hidden widths of each coupling's conditioner network, which outputs the log-scale and
+        the shift together; the tuple's length is its depth.
+    activation : {"relu", "leaky_relu", "tanh", "elu", "gelu", "silu"}, default="relu"
+        Activation of the conditioner networks.
+    mask : {"alternating", "checkerboard", "fixed", "random"} or array-like, default="alternating"
+        Which features each coupling keeps fixed (and conditions on). ``"alternating"`` keeps
+        the first and second half in turn, ``"checkerboard"`` even and odd indices in turn,
+        ``"random"`` a seeded random half per coupling, and ``"fixed"`` always the first half,
+        so those features are never transformed (kept to reproduce why that fails). An
+        array-like of shape ``(n_couplings, n_features)`` with ``1`` = kept gives the masks
+        explicitly; each feature must be transformed by some coupling.
+    batch_norm : bool, default=False
+        Insert batch normalisation layers (with their log-determinant) between couplings, as in
+        the paper. They use batch statistics in training and running averages afterwards.
+    scale_bound : float, default=2.0
+        Soft bound on each coupling's log-scale: :math:`s = \beta\tanh(\tilde s/\beta)`.
+    max_iter : int, default=200
+        Maximum number of epochs.
+    batch_size : int or "auto", default="auto"
+        Rows per optimisation step; ``"auto"`` uses ``min(256, n_samples)``.
+    learning_rate_init : float, default=1e-3
+        Adam's initial learning rate.
+    learning_rate : {"cosine", "constant"}, default="cosine"
+        Learning-rate schedule over the ``max_iter`` epochs.
+    alpha : float, default=0.0
+        L2 penalty (Adam weight decay).
+    early_stopping : bool, default=True
+        Hold out ``validation_fraction`` of the rows, stop when their log-likelihood stops
+        improving and restore the best weights.
+    validation_fraction : float, default=0.1
+        Fraction of rows held out when ``early_stopping`` is on.
+    n_iter_no_change : int, default=20
+        Epochs without an improvement of at least ``tol`` before stopping.
+    tol : float, default=1e-4
+        Minimum improvement (nats per sample) that counts.
+    warm_start : bool, default=False
+        Reuse the fitted flow and optimizer state as the start of the next :meth:`fit`.
+    verbose : int, default=0
+        Print one line per epoch when positive.
+    random_state : int, RandomState instance or None, default=None
+        Seeds weight initialisation, random masks, the validation split and minibatch order.
+        The global torch random state is never touched.
+    device : str, default="auto"
+        Where to train: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``,
+        ``"cuda:1"``, ``"mps"``.
+    dtype : {"float32", "float64"}, default="float32"
+        Floating-point type used for training. Scoring, transforms and sampling always run in
+        float64, so results do not depend on batch size (to ~1e-12).
+
+    Attributes
+    ----------
+    module_ : sknvp.flows.RealNVPFlow
+        The fitted torch flow (float64, on ``device_``), usable on its own.
+    device_ : torch.device
+        Device the flow lives on.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during fit, when ``X`` has string column names.
+    loss_curve_ : list of float
+        Mean training negative log-likelihood per epoch (standardised units plus constant).
+    validation_scores_ : list of float
+        Mean validation log-likelihood per epoch (empty without early stopping).
+    best_validation_score_ : float or None
+        Best validation log-likelihood, whose weights were kept; None without early stopping.
+    n_iter_ : int
+        Number of epochs run (summed over warm-started fits).
+    converged_ : bool
+        Whether the stopping rule fired before ``max_iter``.
+
+    See Also
+    --------
+    sklearn.neighbors.KernelDensity : Kernel density estimation.
+    sklearn.mixture.GaussianMixture : Gaussian mixture density.
+
+    Notes
+    -----
+    :meth:`score` returns the *mean* log-likelihood per sample, like
+    :class:`~sklearn.mixture.GaussianMixture` (``KernelDensity`` returns the sum). Do not put a
+    :class:`~sklearn.preprocessing.StandardScaler` before it in a pipeline: the pipeline would
+    report densities of the scaled data; standardisation is already done inside, with its
+    Jacobian.
+
+    References
+    ----------
+    .. [1] L. Dinh, J. Sohl-Dickstein, S. Bengio, "Density estimation using Real NVP",
+       ICLR 2017, https://arxiv.org/abs/1605.08803
+
+    Examples
+    --------
+    >>> from sklearn.datasets import make_moons
+    >>> from sknvp import RealNVPDensity
+    >>> X, _ = make_moons(500, noise=0.05, random_state=0)
+    >>> est = RealNVPDensity(n_couplings=4, max_iter=20, random_state=0).fit(X)
+    >>> est.score_samples(X[:3]).shape
+    (3,)
+    >>> est.sample(5, random_state=0).shape
+    (5, 2)
+    """
+
+    _parameter_constraints: dict = {
+        "n_couplings": [Interval(Integral, 1, None, closed="left")],
+        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
+        "activation": [StrOptions(set(ACTIVATIONS)), callable],
+        "mask": [StrOptions(set(MASK_TYPES)), "array-like"],
+        "batch_norm": ["boolean"],
+        "scale_bound": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
+        "learning_rate": [StrOptions({"cosine", "constant"})],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "warm_start": ["boolean"],
+        "verbose": ["verbose"],
+        "random_state": ["random_state"],
+        "device": [str, torch.device],
+        "dtype": [StrOptions(set(TORCH_DTYPES))],
+    }
+
+    def __init__(
+        self,
+        *,
+        n_couplings=8,
+        hidden_layer_sizes=(64, 64),
+        activation="relu",
+        mask="alternating",
+        batch_norm=False,
+        scale_bound=2.0,
+        max_iter=200,
+        batch_size="auto",
+        learning_rate_init=1e-3,
+        learning_rate="cosine",
+        alpha=0.0,
+        early_stopping=True,
+        validation_fraction=0.1,
+        n_iter_no_change=20,
+        tol=1e-4,
+        warm_start=False,
+        verbose=0,
+        random_state=None,
+        device="auto",
+        dtype="float32",
+    ):
+        self.n_couplings = n_couplings
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.mask = mask
+        self.batch_norm = batch_norm
+        self.scale_bound = scale_bound
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.learning_rate_init = learning_rate_init
+        self.learning_rate = learning_rate
+        self.alpha = alpha
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.random_state = random_state
+        self.device = device
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ fitting
+
+    def _check_params(self, n_features: int) -> tuple:
+        """Data-dependent parameter checks; returns (hidden sizes, explicit mask or None)."""
+        sizes = _check_hidden_layer_sizes(self.hidden_layer_sizes)
+        mask = None
+        if not isinstance(self.mask, str):
+            mask = _check_mask_array(self.mask, self.n_couplings, n_features)
+        elif self.mask == "fixed" and n_features > 1:
+            warnings.warn(
+                "mask='fixed' keeps the same features in every coupling, so they are never "
+                "transformed and the model cannot capture their non-Gaussian structure. Use "
+                "'alternating' (the default) unless you study this failure.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return sizes, mask
+
+    def _build_module(self, X, sample_weight, sizes, mask, seed: int) -> RealNVPFlow:
+        """Build a fresh flow for ``X`` (subclasses override for other architectures)."""
+        loc, scale = _standardization(X, sample_weight)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_realnvp(
+                X.shape[1],
+                n_couplings=self.n_couplings,
+                hidden_layer_sizes=sizes,
+                activation=self.activation,
+                mask=mask if mask is not None else self.mask,
+                batch_norm=self.batch_norm,
+                scale_bound=self.scale_bound,
+                loc=torch.as_tensor(loc, dtype=torch.float64),
+                scale=torch.as_tensor(scale, dtype=torch.float64),
+                generator=gen,
+            ).double()
+
+    def _split(self, n: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+        order = rng.permutation(n)
+        if not self.early_stopping:
+            return order, order[:0]
+        n_valid = max(1, int(math.ceil(self.validation_fraction * n)))
+        if n - n_valid < 2:
+            raise ValueError(
+                f"early_stopping with validation_fraction={self.validation_fraction} leaves "
+                f"{n - n_valid} training sample(s) of n_samples = {n}; need at least 2. "
+                "Pass more data or early_stopping=False."
+            )
+        return order[n_valid:], order[:n_valid]
+
+    def _is_warm(self) -> bool:
+        return bool(self.warm_start) and hasattr(self, "module_")
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, sample_weight=None):
+        """Fit the flow by maximum likelihood.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data, one row per sample.
+        y : None
+            Ignored; present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each row in the likelihood.
+
+        Returns
+        -------
+        self : RealNVPDensity
+            The fitted estimator.
+        """
+        warm = self._is_warm()
+        X = validate_data(
+            self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=not warm
+        )
+        sample_weight = check_sample_weight(sample_weight, X)
+        if not sample_weight.sum() > 0:
+            raise ValueError("sample_weight must have a positive sum, got all zeros.")
+        sizes, mask = self._check_params(X.shape[1])
+        device = resolve_device(self.device)
+        rng = check_random_state(self.random_state)
+        seed = derive_seed(rng)
+        train_idx, valid_idx = self._split(len(X), rng)
+        module = self.module_ if warm else self._build_module(
+            X[train_idx], sample_weight[train_idx], sizes, mask, seed
+        )
+        self._train(module, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm)
+        return self
+
+    def _to_tensors(self, X, w, idx, device, dtype):
+        x = torch.as_tensor(X[idx], device=device).to(dtype)
+        weights = w[idx]
+        if np.all(weights == weights[0]) if len(weights) else True:
+            return x, None
+        return x, torch.as_tensor(weights, device=device).to(dtype)
+
+    def _train(self, module, X, sample_weight, train_idx, valid_idx, device, seed, warm):
+        dtype = TORCH_DTYPES[self.dtype]
+        work = copy.deepcopy(module).to(device=device, dtype=dtype)
+        x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype)
+        x_va, w_va = self._to_tensors(X, sample_weight, valid_idx, device, dtype)
+        optimizer = None
+        if warm and getattr(self, "_optimizer_state", None) is not None:
+            optimizer = torch.optim.Adam(work.parameters())
+            optimizer.load_state_dict(self._optimizer_state)
+            for group in optimizer.param_groups:
+                group["weight_decay"] = self.alpha
+        batch_size = min(256, len(train_idx)) if self.batch_size == "auto" else self.batch_size
+        result, optimizer = fit_flow(
+            work, x_tr, x_valid=x_va if len(valid_idx) else None, w_train=w_tr, w_valid=w_va,
+            max_iter=self.max_iter, batch_size=batch_size,
+            learning_rate_init=self.learning_rate_init, learning_rate=self.learning_rate,
+            alpha=self.alpha, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
+            generator=torch.Generator().manual_seed(seed), optimizer=optimizer,
+            verbose=self.verbose,
+        )
+        self._set_fitted(work, optimizer, result, device, warm)
+        self._warn_outcome(result)
+
+    def _set_fitted(self, work, optimizer, result, device, warm) -> None:
+        self.module_ = work.to(torch.float64).eval()
+        self._optimizer_state = optimizer.state_dict()
+        self.device_ = device
+        previous = self.n_iter_ if warm else 0
+        self.n_iter_ = previous + result.n_iter
+        self.loss_curve_ = (self.loss_curve_ if warm else []) + result.loss_curve
+        self.validation_scores_ = (
+            self.validation_scores_ if warm else []
+        ) + result.validation_scores
+        self.best_validation_score_ = (
+            result.best_score if result.validation_scores else None
+        )
+        self.converged_ = result.converged
+
+    def _warn_outcome(self, result) -> None:
+        if result.diverged:
+            where = f"epoch {result.n_iter + 1}"
+            kept = (
+                f"the weights of epoch {result.best_epoch + 1}"
+                if result.best_epoch >= 0 else "the initial weights"
+            )
+            warnings.warn(
+                f"Training produced a non-finite loss or weights at {where}; kept {kept}. "
+                "Lower learning_rate_init, lower scale_bound, or check the data for "
+                "duplicated points, constant or collinear features.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        elif result.interrupted:
+            warnings.warn(
+                f"Training interrupted after {result.n_iter} epoch(s); the best weights so "
+                "far were kept.",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif not result.converged:
+            warnings.warn(
+                f"max_iter={self.max_iter} reached before the "
+                f"{'validation score' if self.early_stopping else 'training loss'} stopped "
+                "improving. Consider increasing max_iter.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    # ---------------------------------------------------------------- inference
+
+    def _map(self, fn, X, out_shape) -> np.ndarray:
+        return map_batches(
+            fn, X, out_shape, device=self.device_, dtype=torch.float64,
+            batch_rows=_INFERENCE_ROWS,
+        )
+
+    def _validated(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+
+    def score_samples(self, X):
+        """Log-density of each row of ``X``, in the units of ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Points to evaluate.
+
+        Returns
+        -------
+        log_density : ndarray of shape (n_samples,)
+            Natural log of the density at each row. Rows so far from the data that the
+            density underflows get the lowest finite float64 rather than ``-inf``.
+        """
+        X = self._validated(X)
+        module = self.module_
+        out = self._map(module.log_prob, X, ())
+        return np.nan_to_num(out, nan=-np.finfo(np.float64).max, neginf=-np.finfo(np.float64).max)
+
+    def score(self, X, y=None):
+        """Mean log-likelihood per sample of ``X`` (as GaussianMixture; higher is better).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Points to evaluate.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        score : float
+            ``score_samples(X).mean()``.
+        """
+        return float(np.mean(self.score_samples(X)))
+
+    def transform(self, X):
+        """Map rows of ``X`` to the flow's standard-normal latent space.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, n_features)
+        """
+        X = self._validated(X)
+        return self._map(lambda x: self.module_(x)[0], X, (self.n_features_in_,))
+
+    def inverse_transform(self, Z):
+        """Map latent points back to data space (the inverse of :meth:`transform`).
+
+        Parameters
+        ----------
+        Z : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features)
+        """
+        check_is_fitted(self)
+        Z = validate_data(self, Z, dtype=[np.float64, np.float32], reset=False)
+        return self._map(lambda z: self.module_.inverse(z)[0], Z, (self.n_features_in_,))
+
+    def sample(self, n_samples=1, random_state=None, temperature=1.0):
+        """Draw samples from the fitted density.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+            Number of samples (0 gives an empty array).
+        random_state : int, RandomState instance or None, default=None
+            Seed for this draw; ``None`` uses numpy's global random state.
+        temperature : float, default=1.0
+            Standard deviation of the latent normal; below 1 gives more typical samples.
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features)
+        """
+        check_is_fitted(self)
+        n_samples = _check_n_samples(n_samples)
+        if not (isinstance(temperature, Real) and 0 < temperature < np.inf):
+            raise ValueError(f"temperature must be a positive finite float, got {temperature!r}.")
+        gen = torch.Generator(device=self.device_).manual_seed(
+            derive_seed(check_random_state(random_state))
+        )
+        z = np.empty((n_samples, self.n_features_in_))
+        with torch.inference_mode():
+            for start in range(0, n_samples, _INFERENCE_ROWS):
+                stop = min(start + _INFERENCE_ROWS, n_samples)
+                z[start:stop] = self.module_.sample(stop - start, gen, temperature).cpu().numpy()
+        return z
+
+    # -------------------------------------------------------------- persistence
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "module_" in state and self.device_.type != "cpu":
+            state["module_"] = copy.deepcopy(self.module_).cpu()
+            state["_optimizer_state"] = _state_to_cpu(state.get("_optimizer_state"))
+        if "device_" in state:
+            state["device_"] = str(self.device_)
+        return state
+
+    def __setstate__(self, state):
+        device = state.get("device_")
+        if device is not None:
+            dev = torch.device(device)
+            try:
+                dev = resolve_device(dev)
+            except ValueError:
+                dev = torch.device("cpu")
+            state["device_"] = dev
+            state["module_"] = state["module_"].to(dev)
+        super().__setstate__(state)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
+
+
+def _check_n_samples(n_samples) -> int:
+    if isinstance(n_samples, (bool, np.bool_)) or not isinstance(n_samples, Integral):
+        raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}.")
+    if n_samples < 0:
+        raise ValueError(f"n_samples must be >= 0, got {n_samples}.")
+    return int(n_samples)
+
+
+def _state_to_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _state_to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_state_to_cpu(v) for v in state]
+    return state

@@ -1,0 +1,172 @@
+"""Maximum-likelihood training loop for any module with a ``log_prob`` method (torch only)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TrainResult", "batch_slices", "evaluate_log_prob", "fit_flow"]
+
+
+@dataclass
+class TrainResult:
+    """What one call of :func:`fit_flow` did."""
+
+    loss_curve: list[float] = field(default_factory=list)
+    validation_scores: list[float] = field(default_factory=list)
+    n_iter: int = 0
+    best_epoch: int = -1
+    best_score: float = -math.inf
+    converged: bool = False
+    diverged: bool = False
+    interrupted: bool = False
+    skipped_steps: int = 0
+    fit_seconds: float = 0.0
+
+
+def batch_slices(n: int, batch_size: int, min_size: int = 2) -> list[slice]:
+    """Consecutive slices of at most ``batch_size`` rows; a tail smaller than ``min_size`` is
+    merged into the previous slice (batch statistics need two rows)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < min_size:
+        starts.pop()
+    ends = starts[1:] + [n]
+    return [slice(a, b) for a, b in zip(starts, ends)]
+
+
+@torch.inference_mode()
+def evaluate_log_prob(module: nn.Module, x: Tensor, batch_size: int = 65536) -> Tensor:
+    """``module.log_prob`` in evaluation mode, in batches of at most ``batch_size`` rows."""
+    was_training = module.training
+    module.eval()
+    try:
+        parts = [module.log_prob(x[s]) for s in batch_slices(len(x), batch_size, 1)]
+    finally:
+        module.train(was_training)
+    return torch.cat(parts) if parts else x.new_zeros(0)
+
+
+def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum()
+
+
+def _params_finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def _learning_rate(schedule: str, lr0: float, epoch: int, max_iter: int) -> float:
+    if schedule == "cosine":
+        return lr0 * 0.5 * (1.0 + math.cos(math.pi * epoch / max(max_iter, 1)))
+    return lr0
+
+
+def _train_epoch(module, optimizer, x, w, batch_size, generator) -> tuple[float, int]:
+    module.train()
+    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    total, weight_sum, skipped = 0.0, 0.0, 0
+    for s in batch_slices(len(x), batch_size):
+        idx = perm[s]
+        wb = None if w is None else w[idx]
+        loss = -_weighted_mean(module.log_prob(x[idx]), wb)
+        if not torch.isfinite(loss):
+            skipped += 1
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bw = float(len(idx) if wb is None else wb.sum())
+        total += float(loss.detach()) * bw
+        weight_sum += bw
+    mean_loss = total / weight_sum if weight_sum > 0 else math.nan
+    return mean_loss, skipped
+
+
+def _validation_score(module, x, w) -> float:
+    return float(_weighted_mean(evaluate_log_prob(module, x), w))
+
+
+def fit_flow(
+    module: nn.Module,
+    x_train: Tensor,
+    *,
+    x_valid: Tensor | None = None,
+    w_train: Tensor | None = None,
+    w_valid: Tensor | None = None,
+    max_iter: int = 100,
+    batch_size: int = 256,
+    learning_rate_init: float = 1e-3,
+    learning_rate: str = "cosine",
+    alpha: float = 0.0,
+    tol: float = 1e-4,
+    n_iter_no_change: int = 10,
+    generator: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    verbose: int = 0,
+    print_fn: Callable[[str], None] = print,
+) -> tuple[TrainResult, torch.optim.Optimizer]:
+    """Train ``module`` by minimising the mean negative log-likelihood with Adam.
+
+    Stops after ``max_iter`` epochs, or when the monitored quantity (the validation
+    log-likelihood if ``x_valid`` is given, else the training loss) has not improved by ``tol``
+    for ``n_iter_no_change`` epochs. With ``x_valid`` the best weights are restored at the end.
+    A batch whose loss is not finite is skipped; an epoch that leaves non-finite weights or
+    loss ends training with the best finite weights restored (``diverged``). A
+    ``KeyboardInterrupt`` also restores the best weights (``interrupted``).
+
+    Returns the :class:`TrainResult` and the optimizer (to resume training later).
+    """
+    if optimizer is None:
+        optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate_init, weight_decay=alpha)
+    result = TrainResult()
+    start = time.perf_counter()
+    monitor_valid = x_valid is not None and len(x_valid) > 0
+    best_state = copy.deepcopy(module.state_dict())
+    result.best_score = (
+        _validation_score(module, x_valid, w_valid) if monitor_valid else -math.inf
+    )
+    no_improvement = 0
+    try:
+        for epoch in range(max_iter):
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(learning_rate, learning_rate_init, epoch, max_iter)
+            loss, skipped = _train_epoch(module, optimizer, x_train, w_train, batch_size, generator)
+            result.skipped_steps += skipped
+            if not (math.isfinite(loss) and _params_finite(module)):
+                result.diverged = True
+                break
+            result.loss_curve.append(loss)
+            result.n_iter = epoch + 1
+            score = _validation_score(module, x_valid, w_valid) if monitor_valid else -loss
+            if monitor_valid:
+                result.validation_scores.append(score)
+            if not math.isfinite(score):
+                result.diverged = True
+                break
+            if score > result.best_score + tol:
+                no_improvement = 0
+            else:
+                no_improvement += 1
+            if score > result.best_score:
+                result.best_score, result.best_epoch = score, epoch
+                best_state = copy.deepcopy(module.state_dict())
+            if verbose:
+                extra = f", validation score = {score:.5f}" if monitor_valid else ""
+                print_fn(f"Epoch {epoch + 1}, loss = {loss:.5f}{extra}")
+            if no_improvement >= n_iter_no_change:
+                result.converged = True
+                break
+    except KeyboardInterrupt:
+        result.interrupted = True
+    if monitor_valid or result.diverged or result.interrupted:
+        module.load_state_dict(best_state)
+    module.eval()
+    result.fit_seconds = time.perf_counter() - start
+    return result, optimizer

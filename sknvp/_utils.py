@@ -1,0 +1,76 @@
+"""Seeds, devices, dtypes and array/tensor conversion for the estimator layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["TORCH_DTYPES", "derive_seed", "map_batches", "resolve_device"]
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def derive_seed(rng: np.random.RandomState) -> int:
+    """Draw an int seed for torch from a numpy ``RandomState``."""
+    return int(rng.randint(np.iinfo(np.int32).max))
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Turn a ``device`` parameter into an available ``torch.device``.
+
+    ``"auto"`` picks CUDA when present, then Apple's MPS, else the CPU. An unknown or
+    unavailable device raises ``ValueError`` naming what is available.
+    """
+    if isinstance(device, str) and device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"Unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(
+                f"device={str(device)!r} is not available: this machine has {count} CUDA "
+                "device(s). Use device='cpu' or device='auto'."
+            )
+    elif dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device={str(device)!r} is not available. Use 'cpu' or 'auto'.")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"Unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'mps'.")
+    return dev
+
+
+def _row_chunks(n: int, batch_rows: int) -> Iterator[slice]:
+    for start in range(0, n, batch_rows):
+        yield slice(start, min(start + batch_rows, n))
+
+
+def map_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    X: np.ndarray,
+    out_shape: tuple[int, ...],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_rows: int,
+) -> np.ndarray:
+    """Apply ``fn`` to ``X`` in row chunks, writing into one preallocated float64 array.
+
+    Peak memory is the input, the output and one chunk of activations, whatever ``len(X)``.
+    """
+    out = np.empty((len(X), *out_shape), dtype=np.float64)
+    with torch.inference_mode():
+        for s in _row_chunks(len(X), batch_rows):
+            x = torch.as_tensor(np.ascontiguousarray(X[s]), device=device).to(dtype)
+            out[s] = fn(x).to("cpu", torch.float64).numpy()
+    return out

@@ -1,0 +1,114 @@
+"""Real-NVP flows: a stack of invertible layers on a standard normal base."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .masks import coupling_masks
+from .nets import MLP
+from .transforms import AffineCoupling, BatchNormFlow, FlowSequential, Standardize
+
+__all__ = ["RealNVPFlow", "build_realnvp", "standard_normal_log_prob"]
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """Log-density of a standard normal, summed over all but the batch dimension."""
+    z = z.reshape(z.shape[0], -1)
+    return -0.5 * (z * z).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+
+
+class RealNVPFlow(nn.Module):
+    r"""A normalizing flow :math:`z = f(x)` with a standard normal base distribution.
+
+    .. math:: \log p(x) = \log \mathcal N(f(x); 0, I) + \log\left|\det \frac{\partial f}{\partial x}\right|
+
+    Parameters
+    ----------
+    transform : FlowSequential
+        The invertible map :math:`f` from data to latent space.
+    event_shape : tuple of int
+        Shape of one sample (``(n_features,)`` or ``(C, H, W)``).
+    """
+
+    def __init__(self, transform: FlowSequential, event_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.transform = transform
+        self.event_shape = tuple(int(s) for s in event_shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Map data to latent space; return ``(z, log|det dz/dx|)``."""
+        return self.transform(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Map latent points to data space; return ``(x, log|det dx/dz|)``."""
+        return self.transform.inverse(z)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log-density of each row of ``x``, shape ``(batch,)``."""
+        z, log_det = self.transform(x)
+        return standard_normal_log_prob(z) + log_det
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> Tensor:
+        """Draw ``n`` samples; the base normal's standard deviation is ``temperature``."""
+        ref = next(iter(self.buffers()), None)
+        ref = ref if ref is not None else next(self.parameters())
+        dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+        z = torch.randn(
+            (n, *self.event_shape), generator=generator, device=ref.device, dtype=dtype
+        )
+        return self.inverse(z * temperature)[0]
+
+
+def build_realnvp(
+    n_features: int,
+    n_couplings: int = 8,
+    hidden_layer_sizes: Sequence[int] = (64, 64),
+    activation: str | Callable[[], nn.Module] = "relu",
+    mask: str | Tensor = "alternating",
+    batch_norm: bool = False,
+    scale_bound: float = 2.0,
+    loc: Tensor | None = None,
+    scale: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> RealNVPFlow:
+    """Build a vector Real-NVP flow from hyper-parameters.
+
+    Parameters
+    ----------
+    n_features : int
+        Dimension of the data.
+    n_couplings : int, default=8
+        Number of affine coupling layers.
+    hidden_layer_sizes : sequence of int, default=(64, 64)
+        Hidden widths of each coupling's conditioner (one fused network gives scale and shift).
+    activation : str or callable, default="relu"
+        Conditioner activation (see :data:`sknvp.nets.ACTIVATIONS`).
+    mask : str or BoolTensor of shape (n_couplings, n_features), default="alternating"
+        Mask kind (see :func:`sknvp.masks.coupling_masks`) or explicit masks, ``True`` = kept.
+    batch_norm : bool, default=False
+        Insert :class:`~sknvp.transforms.BatchNormFlow` after every coupling but the last.
+    scale_bound : float, default=2.0
+        Soft bound on each coupling's log-scale.
+    loc, scale : Tensor of shape (n_features,), optional
+        If given, a :class:`~sknvp.transforms.Standardize` layer comes first.
+    generator : torch.Generator, optional
+        Randomness for ``mask="random"`` (weights use the global RNG: fork it to seed them).
+    """
+    masks = mask if isinstance(mask, Tensor) else coupling_masks(
+        mask, n_features, n_couplings, generator
+    )
+    layers: list[nn.Module] = []
+    if loc is not None and scale is not None:
+        layers.append(Standardize(loc, scale))
+    for i, m in enumerate(masks):
+        net = MLP(n_features, 2 * n_features, hidden_layer_sizes, activation)
+        layers.append(AffineCoupling(m, net, scale_bound))
+        if batch_norm and i < len(masks) - 1:
+            layers.append(BatchNormFlow(n_features))
+    return RealNVPFlow(FlowSequential(*layers), (n_features,))
