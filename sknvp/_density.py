@@ -339,7 +339,10 @@ class RealNVPDensity(DensityMixin, BaseEstimator):
         module = self.module_ if warm else self._build_module(
             X[train_idx], sample_weight[train_idx], sizes, mask, seed
         )
-        self._train(module, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm)
+        result = self._train(
+            module, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm
+        )
+        self._warn_outcome(result)
         return self
 
     def _to_tensors(self, X, w, idx, device, dtype):
@@ -349,28 +352,82 @@ class RealNVPDensity(DensityMixin, BaseEstimator):
             return x, None
         return x, torch.as_tensor(weights, device=device).to(dtype)
 
-    def _train(self, module, X, sample_weight, train_idx, valid_idx, device, seed, warm):
+    def _batch_transform(self, generator: torch.Generator):
+        """Hook: a map applied to each training minibatch (None = data as given)."""
+        return None
+
+    def _resume_optimizer(self, work) -> torch.optim.Optimizer | None:
+        state = getattr(self, "_optimizer_state", None)
+        if state is None:
+            return None
+        optimizer = torch.optim.Adam(work.parameters())
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            group["weight_decay"] = self.alpha
+        return optimizer
+
+    def _train(self, module, X, sample_weight, train_idx, valid_idx, device, seed, warm,
+               max_iter=None, schedule=None):
         dtype = TORCH_DTYPES[self.dtype]
         work = copy.deepcopy(module).to(device=device, dtype=dtype)
         x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype)
         x_va, w_va = self._to_tensors(X, sample_weight, valid_idx, device, dtype)
-        optimizer = None
-        if warm and getattr(self, "_optimizer_state", None) is not None:
-            optimizer = torch.optim.Adam(work.parameters())
-            optimizer.load_state_dict(self._optimizer_state)
-            for group in optimizer.param_groups:
-                group["weight_decay"] = self.alpha
+        optimizer = self._resume_optimizer(work) if warm else None
         batch_size = min(256, len(train_idx)) if self.batch_size == "auto" else self.batch_size
+        generator = torch.Generator().manual_seed(seed)
         result, optimizer = fit_flow(
             work, x_tr, x_valid=x_va if len(valid_idx) else None, w_train=w_tr, w_valid=w_va,
-            max_iter=self.max_iter, batch_size=batch_size,
-            learning_rate_init=self.learning_rate_init, learning_rate=self.learning_rate,
+            max_iter=max_iter or self.max_iter, batch_size=batch_size,
+            learning_rate_init=self.learning_rate_init,
+            learning_rate=schedule or self.learning_rate,
             alpha=self.alpha, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
-            generator=torch.Generator().manual_seed(seed), optimizer=optimizer,
-            verbose=self.verbose,
+            generator=generator, optimizer=optimizer, verbose=self.verbose,
+            transform_batch=self._batch_transform(generator),
         )
         self._set_fitted(work, optimizer, result, device, warm)
-        self._warn_outcome(result)
+        return result
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Train for one pass over a chunk of data (out-of-core learning).
+
+        The first call builds the flow, with the standardisation statistics of that first
+        chunk (kept fixed afterwards: make it representative), and the Adam optimizer; each
+        later call continues with the same optimizer state at a constant learning rate
+        ``learning_rate_init``. Early stopping and ``max_iter`` do not apply.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            A chunk of training data.
+        y : None
+            Ignored.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each row.
+
+        Returns
+        -------
+        self : RealNVPDensity
+        """
+        first = not hasattr(self, "module_")
+        X = validate_data(
+            self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=first
+        )
+        sample_weight = check_sample_weight(sample_weight, X)
+        sizes, mask = self._check_params(X.shape[1])
+        device = resolve_device(self.device)
+        if first:
+            self._partial_seed = derive_seed(check_random_state(self.random_state))
+        seed = self._partial_seed + 2 * getattr(self, "n_iter_", 0)
+        idx = np.arange(len(X))
+        module = self._build_module(X, sample_weight, sizes, mask, seed) if first else self.module_
+        result = self._train(
+            module, X, sample_weight, idx, idx[:0], device, seed + 1, not first,
+            max_iter=1, schedule="constant",
+        )
+        if result.diverged:
+            self._warn_outcome(result)
+        return self
 
     def _set_fitted(self, work, optimizer, result, device, warm) -> None:
         self.module_ = work.to(torch.float64).eval()
@@ -399,14 +456,14 @@ class RealNVPDensity(DensityMixin, BaseEstimator):
                 "Lower learning_rate_init, lower scale_bound, or check the data for "
                 "duplicated points, constant or collinear features.",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         elif result.interrupted:
             warnings.warn(
                 f"Training interrupted after {result.n_iter} epoch(s); the best weights so "
                 "far were kept.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         elif not result.converged:
             warnings.warn(
@@ -414,7 +471,7 @@ class RealNVPDensity(DensityMixin, BaseEstimator):
                 f"{'validation score' if self.early_stopping else 'training loss'} stopped "
                 "improving. Consider increasing max_iter.",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     # ---------------------------------------------------------------- inference

@@ -68,14 +68,17 @@ def _learning_rate(schedule: str, lr0: float, epoch: int, max_iter: int) -> floa
     return lr0
 
 
-def _train_epoch(module, optimizer, x, w, batch_size, generator) -> tuple[float, int]:
+def _train_epoch(
+    module, optimizer, x, w, batch_size, generator, transform_batch
+) -> tuple[float, int]:
     module.train()
     perm = torch.randperm(len(x), generator=generator).to(x.device)
     total, weight_sum, skipped = 0.0, 0.0, 0
     for s in batch_slices(len(x), batch_size):
         idx = perm[s]
         wb = None if w is None else w[idx]
-        loss = -_weighted_mean(module.log_prob(x[idx]), wb)
+        xb = x[idx] if transform_batch is None else transform_batch(x[idx])
+        loss = -_weighted_mean(module.log_prob(xb), wb)
         if not torch.isfinite(loss):
             skipped += 1
             continue
@@ -111,6 +114,7 @@ def fit_flow(
     optimizer: torch.optim.Optimizer | None = None,
     verbose: int = 0,
     print_fn: Callable[[str], None] = print,
+    transform_batch: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[TrainResult, torch.optim.Optimizer]:
     """Train ``module`` by minimising the mean negative log-likelihood with Adam.
 
@@ -120,6 +124,9 @@ def fit_flow(
     A batch whose loss is not finite is skipped; an epoch that leaves non-finite weights or
     loss ends training with the best finite weights restored (``diverged``). A
     ``KeyboardInterrupt`` also restores the best weights (``interrupted``).
+
+    ``transform_batch``, if given, maps each training minibatch before the loss (e.g. adds
+    fresh dequantisation noise); validation data are used as given.
 
     Returns the :class:`TrainResult` and the optimizer (to resume training later).
     """
@@ -137,7 +144,9 @@ def fit_flow(
         for epoch in range(max_iter):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(learning_rate, learning_rate_init, epoch, max_iter)
-            loss, skipped = _train_epoch(module, optimizer, x_train, w_train, batch_size, generator)
+            loss, skipped = _train_epoch(
+                module, optimizer, x_train, w_train, batch_size, generator, transform_batch
+            )
             result.skipped_steps += skipped
             if not (math.isfinite(loss) and _params_finite(module)):
                 result.diverged = True
