@@ -15,7 +15,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._compat import Interval, StrOptions, check_sample_weight
-from ._training import fit_flow
+from ._training import fit_flow, make_adam
 from ._utils import TORCH_DTYPES, derive_seed, map_batches, resolve_device
 from .flows import RealNVPFlow, build_realnvp
 from .masks import MASK_TYPES, coupling_masks
@@ -360,7 +360,7 @@ class RealNVPDensity(DensityMixin, BaseEstimator):
         state = getattr(self, "_optimizer_state", None)
         if state is None:
             return None
-        optimizer = torch.optim.Adam(work.parameters())
+        optimizer = make_adam(work.parameters(), self.learning_rate_init, self.alpha)
         optimizer.load_state_dict(state)
         for group in optimizer.param_groups:
             group["weight_decay"] = self.alpha

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TrainResult", "batch_slices", "evaluate_log_prob", "fit_flow"]
+__all__ = ["TrainResult", "batch_slices", "evaluate_log_prob", "fit_flow", "make_adam"]
 
 
 @dataclass
@@ -50,6 +50,16 @@ def evaluate_log_prob(module: nn.Module, x: Tensor, batch_size: int = 65536) -> 
     finally:
         module.train(was_training)
     return torch.cat(parts) if parts else x.new_zeros(0)
+
+
+def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this torch build has it (several times faster per step
+    for many small tensors), else the default implementation."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
@@ -131,7 +141,7 @@ def fit_flow(
     Returns the :class:`TrainResult` and the optimizer (to resume training later).
     """
     if optimizer is None:
-        optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate_init, weight_decay=alpha)
+        optimizer = make_adam(module.parameters(), learning_rate_init, alpha)
     result = TrainResult()
     start = time.perf_counter()
     monitor_valid = x_valid is not None and len(x_valid) > 0

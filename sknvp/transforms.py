@@ -55,14 +55,15 @@ class AffineCoupling(nn.Module):
         self.scale_bound = float(scale_bound)
 
     def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
-        raw_s, t = self.conditioner(x_kept).chunk(2, dim=1)
+        # Zero the outputs on kept positions once (s = 0 there, since tanh(0) = 0, and t = 0).
         free = (~self.mask).to(x_kept.dtype)
-        s = self.scale_bound * torch.tanh(raw_s / self.scale_bound) * free
-        return s, t * free
+        raw_s, t = (self.conditioner(x_kept) * torch.cat([free, free])).chunk(2, dim=1)
+        s = torch.tanh(raw_s * (1.0 / self.scale_bound)) * self.scale_bound
+        return s, t
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         s, t = self._scale_shift(x * self.mask)
-        return x * torch.exp(s) + t, _sum_except_batch(s)
+        return torch.addcmul(t, x, torch.exp(s)), _sum_except_batch(s)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         s, t = self._scale_shift(z * self.mask)
