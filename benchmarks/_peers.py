@@ -173,7 +173,7 @@ class PeerFlow:
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                    total += float(loss) * len(xb)
+                    total += float(loss.detach()) * len(xb)
                     rows += len(xb)
                 self.loss_curve_.append(total / rows if rows else math.nan)
         self.module_.eval()

@@ -1,9 +1,10 @@
 """The only importer of scikit-learn private API (and any version shims)."""
 
+from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight
 
-__all__ = ["Interval", "StrOptions", "check_sample_weight"]
+__all__ = ["Interval", "StrOptions", "_fit_context", "check_sample_weight"]
 
 
 def check_sample_weight(sample_weight, X):  # noqa: ANN001, ANN201 - thin shim

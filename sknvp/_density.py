@@ -9,12 +9,17 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, DensityMixin, _fit_context
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    DensityMixin,
+    TransformerMixin,
+)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._compat import Interval, StrOptions, check_sample_weight
+from ._compat import Interval, StrOptions, _fit_context, check_sample_weight
 from ._training import fit_flow, make_adam
 from ._utils import TORCH_DTYPES, derive_seed, map_batches, resolve_device
 from .flows import RealNVPFlow, build_realnvp
@@ -71,7 +76,9 @@ def _standardization(X: np.ndarray, sample_weight: np.ndarray) -> tuple[np.ndarr
     return loc, scale
 
 
-class RealNVPDensity(DensityMixin, BaseEstimator):
+class RealNVPDensity(
+    ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, BaseEstimator
+):
     r"""Density estimation with a Real-NVP normalizing flow.
 
     The flow is a stack of affine coupling layers (Dinh et al., 2016) on a standard normal
@@ -416,7 +423,7 @@ class RealNVPDensity(DensityMixin, BaseEstimator):
         sample_weight = check_sample_weight(sample_weight, X)
         sizes, mask = self._check_params(X.shape[1])
         device = resolve_device(self.device)
-        if first:
+        if first or not hasattr(self, "_partial_seed"):
             self._partial_seed = derive_seed(check_random_state(self.random_state))
         seed = self._partial_seed + 2 * getattr(self, "n_iter_", 0)
         idx = np.arange(len(X))
@@ -603,6 +610,10 @@ class RealNVPDensity(DensityMixin, BaseEstimator):
             state["device_"] = dev
             state["module_"] = state["module_"].to(dev)
         super().__setstate__(state)
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.n_features_in_
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -1,0 +1,74 @@
+"""The side-by-side benchmark script runs end to end in its quick mode.
+
+Only that it runs and writes finite numbers is checked: the numbers of a quick run (a few hundred
+rows, two epochs) mean nothing, and timings depend on the machine.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compare.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    bench = _load_script()
+    out = tmp_path_factory.mktemp("bench")
+    doc = out / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\nIntro kept.\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nTail kept.\n")
+    results = bench.main(["--quick", "--out", str(out), "--doc", str(doc), "--threads", "1"])
+    return bench, results, out, doc
+
+
+def test_quick_run_writes_table_figure_and_json(quick_run):
+    # The figure, the JSON and the markdown exist, and the doc's generated block was replaced.
+    bench, results, out, doc = quick_run
+    assert (out / "benchmarks.png").stat().st_size > 10_000
+    assert json.loads((out / "results.json").read_text())["sets"].keys() == results["sets"].keys()
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nIntro kept.") and text.rstrip().endswith("Tail kept.")
+    assert "old table" not in text and text.count(bench.BEGIN) == 1
+    assert "| two moons" in text and "benchmarks.png" in text
+
+
+def test_quick_run_numbers_are_finite(quick_run):
+    # Every method that ran (peers may be absent) gives finite log-likelihoods, times and rates.
+    bench, results, _, _ = quick_run
+    assert set(results["sets"]) == set(bench.QUICK_SETS)
+    for entry in results["sets"].values():
+        methods = entry["methods"]
+        for name in (bench.SKNVP_DEFAULT, bench.SKNVP_MATCHED, bench.KDE, bench.GMM):
+            assert "error" not in methods[name], methods[name]
+        for name, cell in methods.items():
+            assert "error" not in cell, (name, cell)
+            for key in ("loglik", "fit_wall_s", "fit_cpu_s", "score_rows_per_s",
+                        "sample_rows_per_s"):
+                assert math.isfinite(cell[key]) and (key == "loglik" or cell[key] > 0), (name, key)
+    ceiling = results["sets"]["moons"]["ceiling"]
+    assert -0.4 < ceiling < -0.2  # true density of two moons (noise 0.05) scores about -0.29
+
+
+def test_doc_block_created_when_markers_absent(tmp_path):
+    # write_block appends the generated block to a file without markers and replaces it later.
+    bench = _load_script()
+    doc = tmp_path / "b.md"
+    doc.write_text("# Title\n")
+    bench.write_block(doc, "first")
+    bench.write_block(doc, "second")
+    text = doc.read_text()
+    assert text.startswith("# Title") and "second" in text and "first" not in text

@@ -1,0 +1,167 @@
+"""Property tests of the torch layer: exact inverses and log-determinants equal to autograd's."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import activations, mask_kinds, n_couplings, n_features, randomize_, seeds
+
+from sknvp.flows import build_realnvp
+from sknvp.masks import alternating_mask, coupling_masks, parity_mask
+from sknvp.nets import MLP
+from sknvp.transforms import AffineCoupling, BatchNormFlow, FlowSequential, Standardize
+
+ATOL = 1e-9
+
+
+def _flow(d, k, kind, act, batch_norm, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flow = build_realnvp(
+            d, k, (8, 8), act, kind, batch_norm, 2.0,
+            loc=torch.randn(d, generator=gen), scale=torch.rand(d, generator=gen) + 0.5,
+            generator=gen,
+        ).double()
+    return randomize_(flow, seed).eval()
+
+
+def _inputs(d, seed, n=7):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed + 1)).double() * 2
+
+
+def _autograd_log_det(fn, x):
+    """log|det J| of ``fn`` at each row of ``x``, from the full autograd Jacobian."""
+    rows = []
+    for row in x:
+        jac = torch.autograd.functional.jacobian(
+            lambda v: fn(v.unsqueeze(0))[0].squeeze(0), row, vectorize=True
+        )
+        rows.append(torch.linalg.slogdet(jac.reshape(row.numel(), row.numel()))[1])
+    return torch.stack(rows)
+
+
+@given(n_features, n_couplings, mask_kinds, activations, st.booleans(), seeds)
+def test_flow_inverse_roundtrip(d, k, kind, act, batch_norm, seed):
+    # inverse(forward(x)) == x and forward(inverse(z)) == z, with log-dets of opposite sign.
+    flow = _flow(d, k, kind, act, batch_norm, seed)
+    x = _inputs(d, seed)
+    with torch.no_grad():
+        z, ld = flow(x)
+        x_back, ld_inv = flow.inverse(z)
+        z_back, _ = flow(flow.inverse(x)[0])
+    torch.testing.assert_close(x_back, x, atol=ATOL, rtol=1e-9)
+    torch.testing.assert_close(z_back, x, atol=ATOL, rtol=1e-9)
+    torch.testing.assert_close(ld_inv, -ld, atol=ATOL, rtol=1e-9)
+
+
+@settings(max_examples=15)
+@given(n_features, n_couplings, mask_kinds, activations, st.booleans(), seeds)
+def test_flow_log_det_matches_autograd(d, k, kind, act, batch_norm, seed):
+    # The summed triangular log-det equals log|det J| of the full autograd Jacobian.
+    flow = _flow(d, k, kind, act, batch_norm, seed)
+    x = _inputs(d, seed, n=3)
+    _, ld = flow(x)
+    torch.testing.assert_close(ld, _autograd_log_det(flow, x), atol=1e-8, rtol=1e-8)
+    z = _inputs(d, seed + 7, n=3)
+    _, ld_inv = flow.inverse(z)
+    torch.testing.assert_close(ld_inv, _autograd_log_det(flow.inverse, z), atol=1e-8, rtol=1e-8)
+
+
+@given(st.integers(2, 8), seeds)
+def test_batch_norm_training_mode_log_det_matches_autograd(d, seed):
+    # In training mode the batch statistics depend on the batch, so the per-sample log-det is
+    # the diagonal term; check it against autograd with statistics held fixed.
+    layer = randomize_(BatchNormFlow(d).double(), seed).train()
+    x = _inputs(d, seed, n=16)
+    z, ld = layer(x)
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    expected = (layer.log_gamma - 0.5 * torch.log(var + layer.eps)).sum().expand(16)
+    torch.testing.assert_close(ld, expected)
+    torch.testing.assert_close(
+        z, (x - mean) / torch.sqrt(var + layer.eps) * layer.log_gamma.exp() + layer.beta
+    )
+
+
+@given(n_features, n_couplings, seeds)
+def test_stack_log_dets_add_up(d, k, seed):
+    flow = _flow(d, k, "alternating", "tanh", True, seed)
+    x = _inputs(d, seed)
+    total = torch.zeros(len(x), dtype=x.dtype)
+    h = x
+    with torch.no_grad():
+        for layer in flow.transform:
+            h, ld = layer(h)
+            total += ld
+        z, ld_all = flow(x)
+    torch.testing.assert_close(h, z)
+    torch.testing.assert_close(ld_all, total)
+
+
+def test_coupling_starts_as_identity():
+    mask = alternating_mask(4, 0)
+    layer = AffineCoupling(mask, MLP(4, 8, (16,), "relu")).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    z, ld = layer(x)
+    assert torch.equal(z, x)
+    assert torch.equal(ld, torch.zeros(5, dtype=torch.float64))
+
+
+def test_coupling_keeps_conditioning_half_and_bounds_scale():
+    mask = parity_mask(6, 0)
+    layer = randomize_(AffineCoupling(mask, MLP(6, 12, (16,)), scale_bound=0.5).double(), 3, 5.0)
+    x = torch.randn(10, 6, dtype=torch.float64)
+    z, ld = layer(x)
+    assert torch.equal(z[:, mask], x[:, mask])
+    assert not torch.allclose(z[:, ~mask], x[:, ~mask])
+    assert bool((ld.abs() <= 0.5 * (~mask).sum()).all())
+
+
+def test_single_feature_coupling_is_elementwise_affine():
+    # With one feature nothing is kept: the conditioner sees zeros, so the map is x*a + b with
+    # the same a, b for every row.
+    layer = randomize_(AffineCoupling(alternating_mask(1, 0), MLP(1, 2, (4,))).double(), 1)
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64).unsqueeze(1)
+    z, ld = layer(x)
+    slope = (z[1:] - z[:-1]) / (x[1:] - x[:-1])
+    torch.testing.assert_close(slope, slope[:1].expand_as(slope))
+    torch.testing.assert_close(ld, torch.log(slope[0]).expand(7))
+
+
+def test_standardize_log_det():
+    layer = Standardize(torch.tensor([1.0, -2.0]), torch.tensor([2.0, 4.0]))
+    z, ld = layer(torch.tensor([[3.0, 2.0]]))
+    torch.testing.assert_close(z, torch.tensor([[1.0, 1.0]]))
+    torch.testing.assert_close(ld, torch.log(torch.tensor([1 / 8])))
+
+
+def test_masks_shapes_and_coverage():
+    gen = torch.Generator().manual_seed(0)
+    for kind in ("alternating", "checkerboard", "random"):
+        m = coupling_masks(kind, 5, 4, gen)
+        assert m.shape == (4, 5) and m.dtype == torch.bool
+        assert int(m[0].sum()) == 2
+    fixed = coupling_masks("fixed", 4, 3)
+    assert bool((fixed == fixed[0]).all()) and not bool(fixed[:, 3].any())
+    alt = coupling_masks("alternating", 4, 2)
+    assert bool((alt[0] ^ alt[1]).all())
+
+
+def test_random_masks_depend_only_on_generator():
+    a = coupling_masks("random", 6, 5, torch.Generator().manual_seed(1))
+    b = coupling_masks("random", 6, 5, torch.Generator().manual_seed(1))
+    c = coupling_masks("random", 6, 5, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_every_parameter_gets_a_gradient():
+    flow = _flow(3, 3, "alternating", "elu", True, 0).train()
+    flow.log_prob(_inputs(3, 0, n=32)).mean().backward()
+    for name, p in flow.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_flow_sequential_empty_is_identity():
+    seq = FlowSequential()
+    x = torch.randn(3, 2)
+    z, ld = seq(x)
+    assert torch.equal(z, x) and torch.equal(ld, torch.zeros(3))
