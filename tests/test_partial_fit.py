@@ -53,6 +53,15 @@ def _same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _copy(est):
+    """Deep copy that undoes the side effect of ``__getstate__`` on the original's ``device_``
+    (see ``test_pickling_leaves_the_estimator_unchanged``)."""
+    device = est.device_
+    twin = copy.deepcopy(est)
+    est.device_ = device
+    return twin
+
+
 def _diagonal_gaussian_score(X, X_test):
     """Held-out log-likelihood of the untrained flow (a diagonal Gaussian fitted to ``X``)."""
     return float(norm.logpdf(X_test, X.mean(0), X.std(0)).sum(1).mean())
@@ -114,8 +123,9 @@ def test_partial_fit_standardisation_fixed_by_first_chunk():
     later = rng.normal(loc=5.0, scale=3.0, size=(200, 2))
     est = RealNVPDensity(random_state=0, **TINY).partial_fit(first).partial_fit(later)
     (standardize,) = [m for m in est.module_.modules() if isinstance(m, Standardize)]
-    np.testing.assert_allclose(standardize.loc.numpy(), first.mean(0), rtol=1e-10)
-    np.testing.assert_allclose(standardize.scale.numpy(), first.std(0), rtol=1e-10)
+    # rtol 1e-6: the buffers pass through float32 training (dtype="float32") and back.
+    np.testing.assert_allclose(standardize.loc.numpy(), first.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(standardize.scale.numpy(), first.std(0), rtol=1e-6)
 
 
 def test_partial_fit_keeps_optimizer_state(moons_stream):
@@ -124,7 +134,7 @@ def test_partial_fit_keeps_optimizer_state(moons_stream):
     # first call) lands elsewhere. Uses the private ``_optimizer_state`` attribute.
     _, chunks, _ = moons_stream
     est = RealNVPDensity(random_state=0, **TINY).partial_fit(chunks[0])
-    control, fresh = copy.deepcopy(est), copy.deepcopy(est)
+    control, fresh = _copy(est), _copy(est)
     fresh._optimizer_state = None
     for e in (est, control, fresh):
         e.partial_fit(chunks[1])
@@ -158,10 +168,6 @@ def test_partial_fit_pickle_between_calls_is_seamless(moons_stream):
     np.testing.assert_array_equal(est.score_samples(X_test), restored.score_samples(X_test))
 
 
-@pytest.mark.xfail(
-    raises=AttributeError, strict=True,
-    reason="partial_fit after fit reads self._partial_seed, which only a first partial_fit sets",
-)
 def test_partial_fit_continues_after_fit(moons_stream):
     # fit on a sample, then stream more chunks (as MLPClassifier allows).
     X, chunks, X_test = moons_stream
@@ -187,3 +193,16 @@ def test_partial_fit_rejects_all_zero_weights(moons_stream):
         assert "positive sum" in str(exc)
     else:
         raise AssertionError("an all-zero sample_weight chunk was accepted (trained unweighted)")
+
+
+@pytest.mark.xfail(
+    raises=AssertionError, strict=True,
+    reason="__getstate__ writes str(device_) into the live __dict__ (object.__getstate__ returns "
+    "it uncopied on Python >= 3.11), so pickling turns the original's device_ into a str",
+)
+def test_pickling_leaves_the_estimator_unchanged(moons_stream):
+    # Pickling between partial_fit calls must not change the estimator being pickled.
+    _, chunks, _ = moons_stream
+    est = RealNVPDensity(random_state=0, **TINY).partial_fit(chunks[0])
+    pickle.dumps(est)
+    assert isinstance(est.device_, torch.device), f"device_ became {est.device_!r}"
