@@ -427,6 +427,15 @@ n_iter_, converged_
         self.module_ = self.module_.to(self._inference_dtype())
         self.image_shape_, self.n_scales_ = self._spec
 
+    def __getstate__(self):
+        # The base class edits the state dict it gets from object.__getstate__, which in
+        # Python >= 3.11 is the live __dict__: keep our own attributes intact while pickling.
+        saved = self.__dict__.copy()
+        state = dict(super().__getstate__())
+        self.__dict__.clear()
+        self.__dict__.update(saved)
+        return state
+
     # ---------------------------------------------------------------- inference
 
     def _map(self, fn, X, out_shape) -> np.ndarray:
