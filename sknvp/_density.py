@@ -591,7 +591,7 @@ class RealNVPDensity(
     # -------------------------------------------------------------- persistence
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # object.__getstate__ returns the live __dict__
         if "module_" in state and self.device_.type != "cpu":
             state["module_"] = copy.deepcopy(self.module_).cpu()
             state["_optimizer_state"] = _state_to_cpu(state.get("_optimizer_state"))
