@@ -6,6 +6,7 @@ import copy
 import math
 import re
 from numbers import Integral, Real
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -170,9 +171,10 @@ n_iter_, converged_
     ((1, 8, 8), (2, 64))
     """
 
-    _parameter_constraints: dict = {
+    _parameter_constraints: ClassVar[dict] = {
         **{
-            k: v for k, v in RealNVPDensity._parameter_constraints.items()
+            k: v
+            for k, v in RealNVPDensity._parameter_constraints.items()
             if k not in ("n_couplings", "hidden_layer_sizes", "mask")
         },
         "image_shape": [None, tuple, list],
@@ -341,9 +343,15 @@ n_iter_, converged_
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_multiscale(
-                shape, n_scales=n_scales, n_blocks=self.n_blocks, n_channels=self.n_channels,
-                activation=self.activation, batch_norm=self.batch_norm,
-                scale_bound=self.scale_bound, n_levels=self.n_levels, alpha=self.logit_alpha,
+                shape,
+                n_scales=n_scales,
+                n_blocks=self.n_blocks,
+                n_channels=self.n_channels,
+                activation=self.activation,
+                batch_norm=self.batch_norm,
+                scale_bound=self.scale_bound,
+                n_levels=self.n_levels,
+                alpha=self.logit_alpha,
             ).double()
 
     def _check_range(self, X: np.ndarray) -> None:
@@ -395,8 +403,19 @@ n_iter_, converged_
 
         return show
 
-    def _train(self, module, X, sample_weight, train_idx, valid_idx, device, seed, warm,
-               max_iter=None, schedule=None):
+    def _train(
+        self,
+        module,
+        X,
+        sample_weight,
+        train_idx,
+        valid_idx,
+        device,
+        seed,
+        warm,
+        max_iter=None,
+        schedule=None,
+    ):
         self._check_range(X)
         X = self._dequantize_validation(X, valid_idx, seed)
         dtype = TORCH_DTYPES[self.dtype]
@@ -407,12 +426,21 @@ n_iter_, converged_
         batch_size = min(64, len(train_idx)) if self.batch_size == "auto" else self.batch_size
         generator = torch.Generator().manual_seed(seed)
         result, optimizer = fit_flow(
-            work, x_tr, x_valid=x_va if len(valid_idx) else None, w_train=w_tr, w_valid=w_va,
-            max_iter=max_iter or self.max_iter, batch_size=batch_size,
+            work,
+            x_tr,
+            x_valid=x_va if len(valid_idx) else None,
+            w_train=w_tr,
+            w_valid=w_va,
+            max_iter=max_iter or self.max_iter,
+            batch_size=batch_size,
             learning_rate_init=self.learning_rate_init,
             learning_rate=schedule or self.learning_rate,
-            alpha=self.alpha, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
-            generator=generator, optimizer=optimizer, verbose=self.verbose,
+            alpha=self.alpha,
+            tol=self.tol,
+            n_iter_no_change=self.n_iter_no_change,
+            generator=generator,
+            optimizer=optimizer,
+            verbose=self.verbose,
             print_fn=self._epoch_printer(X.shape[1]),
             transform_batch=self._batch_transform(generator),
         )
@@ -552,4 +580,3 @@ n_iter_, converged_
                 x = self.module_.sample(stop - start, gen, temperature)
                 out[start:stop] = x.reshape(stop - start, -1).to("cpu", torch.float64).numpy()
         return self._to_fit_layout(out)
-

@@ -218,7 +218,9 @@ class ResNetConditioner(nn.Module):
         if out_channels % 2:
             raise ValueError(f"out_channels must be even, got {out_channels}.")
         self.head = nn.Conv2d(in_channels, n_channels, 3, padding=1)
-        self.blocks = nn.Sequential(*[_ResidualBlock(n_channels, activation) for _ in range(n_blocks)])
+        self.blocks = nn.Sequential(
+            *[_ResidualBlock(n_channels, activation) for _ in range(n_blocks)]
+        )
         self.tail = nn.Sequential(
             nn.BatchNorm2d(n_channels),
             make_activation(activation),
@@ -234,7 +236,9 @@ class ResNetConditioner(nn.Module):
 
 
 def checkerboard_coupling(
-    shape: Sequence[int], parity: int, make_conditioner: ConditionerFactory,
+    shape: Sequence[int],
+    parity: int,
+    make_conditioner: ConditionerFactory,
     scale_bound: float = 2.0,
 ) -> AffineCoupling:
     """Affine coupling on ``(c, h, w)`` images that keeps a spatial checkerboard.
@@ -248,7 +252,9 @@ def checkerboard_coupling(
 
 
 def channel_coupling(
-    shape: Sequence[int], parity: int, make_conditioner: ConditionerFactory,
+    shape: Sequence[int],
+    parity: int,
+    make_conditioner: ConditionerFactory,
     scale_bound: float = 2.0,
 ) -> AffineCoupling:
     """Affine coupling on ``(c, h, w)`` images that keeps half of the channels.
@@ -281,7 +287,7 @@ def check_n_scales(image_shape: Sequence[int], n_scales: int) -> int:
 
 def _max_n_scales(h: int, w: int) -> int:
     n = 1
-    while h % 2 ** n == 0 and w % 2 ** n == 0 and (h // 2**n) * (w // 2**n) >= 2:
+    while h % 2**n == 0 and w % 2**n == 0 and (h // 2**n) * (w // 2**n) >= 2:
         n += 1
     return n
 
@@ -423,8 +429,12 @@ def build_multiscale(
     n = auto_n_scales(shape) if n_scales == "auto" else check_n_scales(shape, int(n_scales))
     if n == 1:
         check_n_scales(shape, 1)
-    options = {"n_blocks": n_blocks, "activation": activation, "scale_bound": scale_bound,
-               "batch_norm": batch_norm}
+    options = {
+        "n_blocks": n_blocks,
+        "activation": activation,
+        "scale_bound": scale_bound,
+        "batch_norm": batch_norm,
+    }
     body = _build_scale(shape, n, int(n_channels), options)
     pre = [] if n_levels is None else [LogitTransform(n_levels, alpha)]
     return MultiScaleRealNVPFlow(FlowSequential(*pre, body), shape)

@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from sknvp._image import RealNVPImageDensity, dequantized_bits_per_dim
 from sknvp.multiscale import ResNetConditioner
 
-TINY = dict(n_blocks=1, n_channels=4, max_iter=1, early_stopping=False, random_state=0)
+TINY = {"n_blocks": 1, "n_channels": 4, "max_iter": 1, "early_stopping": False, "random_state": 0}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -105,10 +105,11 @@ def test_score_samples_and_bits_per_dim_match_closed_form(digits):
     )
     # bits/dim of integer levels: per-level expectation over the dequantisation noise
     X = digits[:8]
-    per_level = {
-        k: integrate.quad(lambda u: -_logit_normal_log_density(np.array([[k + u]]))[0], 0, 1)[0]
-        for k in range(17)
-    }
+
+    def nats(v):
+        return -_logit_normal_log_density(np.array([[v]]))[0]
+
+    per_level = {k: integrate.quad(lambda u, k=k: nats(k + u), 0, 1)[0] for k in range(17)}
     hand = np.mean([per_level[int(k)] for k in X.ravel()]) / math.log(2)
     assert est.bits_per_dim(X, n_draws=100, random_state=0) == pytest.approx(hand, abs=0.01)
 
@@ -122,8 +123,15 @@ def test_bits_per_dim_method_is_the_shared_conversion(fitted, digits):
 
 
 def test_training_beats_a_uniform_model(digits):
-    est = RealNVPImageDensity(n_levels=17, n_blocks=1, n_channels=8, max_iter=4,
-                              learning_rate_init=3e-3, early_stopping=False, random_state=0)
+    est = RealNVPImageDensity(
+        n_levels=17,
+        n_blocks=1,
+        n_channels=8,
+        max_iter=4,
+        learning_rate_init=3e-3,
+        early_stopping=False,
+        random_state=0,
+    )
     with pytest.warns(Warning):
         est.fit(load_digits().data[:400])
     assert est.loss_curve_[-1] < est.loss_curve_[0]
@@ -155,7 +163,9 @@ def test_four_d_images_in_four_d_out():
     Z = est.transform(X[:4])
     assert Z.shape == (4, 3, 4, 4)
     np.testing.assert_allclose(est.inverse_transform(Z.reshape(4, -1)), X[:4], atol=1e-8)
-    np.testing.assert_array_equal(est.score_samples(X[:4]), est.score_samples(X[:4].reshape(4, -1)))
+    np.testing.assert_array_equal(
+        est.score_samples(X[:4]), est.score_samples(X[:4].reshape(4, -1))
+    )
     with pytest.warns(Warning):
         assert est.fit_transform(X).shape == X.shape
 
@@ -180,8 +190,11 @@ def test_three_d_grayscale_and_explicit_shape():
         ({"image_shape": (1, 8, 8)}, np.zeros((10, 48)), "Expected n_features = channels"),
         ({"image_shape": (1, 4, 4)}, _rgb(10), "Expected images of shape"),
         ({"n_levels": 17}, np.full((10, 64), 17.0), "Expected pixel levels in [0, 16]"),
-        ({"n_levels": 17, "dequantize": False}, np.full((10, 64), -1.0),
-         "Expected pixel levels in [0, 17]"),
+        (
+            {"n_levels": 17, "dequantize": False},
+            np.full((10, 64), -1.0),
+            "Expected pixel levels in [0, 17]",
+        ),
         ({"n_scales": 4}, np.zeros((10, 64)), "n_scales=4 does not fit"),
     ],
 )
@@ -212,13 +225,22 @@ def test_dequantisation_hook_adds_fresh_uniform_noise():
 
 
 def test_verbose_prints_bits_per_dim(digits, capsys):
-    est = RealNVPImageDensity(n_levels=17, n_blocks=1, n_channels=4, max_iter=2, verbose=1,
-                              validation_fraction=0.2, random_state=0)
+    est = RealNVPImageDensity(
+        n_levels=17,
+        n_blocks=1,
+        n_channels=4,
+        max_iter=2,
+        verbose=1,
+        validation_fraction=0.2,
+        random_state=0,
+    )
     with pytest.warns(Warning):
         est.fit(digits)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
-    assert re.fullmatch(r"Epoch 1: train \d+\.\d+ bits/dim, validation \d+\.\d+ bits/dim", lines[0])
+    assert re.fullmatch(
+        r"Epoch 1: train \d+\.\d+ bits/dim, validation \d+\.\d+ bits/dim", lines[0]
+    )
     shown = float(lines[1].split("validation ")[1].split()[0])
     assert shown == pytest.approx(-est.validation_scores_[-1] / (64 * math.log(2)), abs=1e-4)
 
@@ -235,7 +257,7 @@ def test_warm_start_resumes(digits):
     cold = clone(est).set_params(warm_start=False, max_iter=1)
     with pytest.warns(Warning):
         cold.fit(digits)
-    assert not all(torch.equal(a, b) for a, b in zip(first, est.module_.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(first, est.module_.parameters(), strict=True))
     assert est.loss_curve_[1] != cold.loss_curve_[0]  # continued, not restarted
 
 

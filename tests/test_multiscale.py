@@ -118,8 +118,9 @@ def test_checkerboard_coupling_inverse_and_log_det(shape, parity, seed):
 
 
 @settings(max_examples=10)
-@given(shape=st.sampled_from([(2, 2, 2), (4, 2, 2), (12, 2, 2)]), parity=st.integers(0, 1),
-       seed=seeds)
+@given(
+    shape=st.sampled_from([(2, 2, 2), (4, 2, 2), (12, 2, 2)]), parity=st.integers(0, 1), seed=seeds
+)
 def test_channel_coupling_inverse_and_log_det(shape, parity, seed):
     layer = randomize_(channel_coupling(shape, parity, _net).double(), seed).eval()
     x = _images(shape, seed)
@@ -162,8 +163,12 @@ def test_batch_norm_on_images_inverse_and_log_det(shape, seed):
 
 
 @settings(max_examples=10)
-@given(shape=st.sampled_from(SMALL_SHAPES), levels=st.sampled_from([2, 17, 256]),
-       alpha=st.sampled_from([0.0, 0.05, 0.3]), seed=seeds)
+@given(
+    shape=st.sampled_from(SMALL_SHAPES),
+    levels=st.sampled_from([2, 17, 256]),
+    alpha=st.sampled_from([0.0, 0.05, 0.3]),
+    seed=seeds,
+)
 def test_logit_transform_inverse_and_log_det(shape, levels, alpha, seed):
     layer = LogitTransform(levels, alpha)
     x = _images(shape, seed, low=0.01 * levels, high=0.99 * levels)
@@ -207,14 +212,19 @@ def test_factor_out_keeps_latent_size_and_inverts():
 def _stack(shape, n_scales, seed, batch_norm=True, n_levels=None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        flow = build_multiscale(shape, n_scales, n_blocks=1, n_channels=4,
-                                batch_norm=batch_norm, n_levels=n_levels)
+        flow = build_multiscale(
+            shape, n_scales, n_blocks=1, n_channels=4, batch_norm=batch_norm, n_levels=n_levels
+        )
     return randomize_(flow.double(), seed, scale=0.2).eval()
 
 
 @settings(max_examples=8)
-@given(shape=st.sampled_from(SMALL_SHAPES), n_scales=st.integers(1, 2),
-       batch_norm=st.booleans(), seed=seeds)
+@given(
+    shape=st.sampled_from(SMALL_SHAPES),
+    n_scales=st.integers(1, 2),
+    batch_norm=st.booleans(),
+    seed=seeds,
+)
 def test_multiscale_stack_inverse_and_log_det(shape, n_scales, batch_norm, seed):
     flow = _stack(shape, n_scales, seed, batch_norm)
     x = _images(shape, seed)
@@ -269,8 +279,11 @@ def test_sample_shape_dtype_and_temperature():
 
 
 def test_fresh_stack_is_volume_preserving_without_preprocessing():
-    flow = build_multiscale((1, 8, 8), 2, n_blocks=1, n_channels=4, batch_norm=False,
-                            n_levels=None).double().eval()
+    flow = (
+        build_multiscale((1, 8, 8), 2, n_blocks=1, n_channels=4, batch_norm=False, n_levels=None)
+        .double()
+        .eval()
+    )
     x = _images((1, 8, 8), 0)
     z, log_det = flow(x)
     assert torch.equal(log_det, torch.zeros(len(x), dtype=x.dtype))
@@ -289,7 +302,9 @@ def test_structure_follows_the_paper():
     assert isinstance(flow, MultiScaleRealNVPFlow)
     names = [type(m).__name__ for m in flow.transform[1]]
     assert names == ["AffineCoupling", "BatchNormFlow"] * 3 + ["Squeeze"] + [
-        "AffineCoupling", "BatchNormFlow"] * 3 + ["FactorOut"]
+        "AffineCoupling",
+        "BatchNormFlow",
+    ] * 3 + ["FactorOut"]
     last = flow.transform[1][-1].rest
     assert [type(m).__name__ for m in last].count("AffineCoupling") == 4
     assert last[0].mask.shape == (2, 4, 4)  # 4 channels after squeeze, half factored out
