@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from numbers import Integral, Real
@@ -74,6 +75,31 @@ def _standardization(X: np.ndarray, sample_weight: np.ndarray) -> tuple[np.ndarr
         )
         scale = np.where(tiny, 1.0, scale)
     return loc, scale
+
+
+_INPUT_ATTRS = ("n_features_in_", "feature_names_in_")
+
+
+def _undo_input_attrs_on_error(fit_method):
+    """Make a failing fit leave ``n_features_in_`` and ``feature_names_in_`` as they were.
+
+    ``validate_data(reset=True)`` sets them before the data-dependent checks (mask shape,
+    device, validation split) and before training; without this a failing refit leaves a model
+    whose ``n_features_in_`` no longer matches its flow, and a failing first fit looks fitted.
+    """
+
+    @functools.wraps(fit_method)
+    def wrapper(self, *args, **kwargs):
+        saved = {k: vars(self)[k] for k in _INPUT_ATTRS if k in vars(self)}
+        try:
+            return fit_method(self, *args, **kwargs)
+        except BaseException:
+            for k in _INPUT_ATTRS:
+                vars(self).pop(k, None)
+            vars(self).update(saved)
+            raise
+
+    return wrapper
 
 
 class RealNVPDensity(
@@ -314,6 +340,7 @@ class RealNVPDensity(
         return bool(self.warm_start) and hasattr(self, "module_")
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @_undo_input_attrs_on_error
     def fit(self, X, y=None, sample_weight=None):
         """Fit the flow by maximum likelihood.
 
@@ -395,6 +422,7 @@ class RealNVPDensity(
         return result
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @_undo_input_attrs_on_error
     def partial_fit(self, X, y=None, sample_weight=None):
         """Train for one pass over a chunk of data (out-of-core learning).
 

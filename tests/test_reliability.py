@@ -1,0 +1,431 @@
+"""Reliability of RealNVPDensity: bad input, bad hyper-parameters, numerical faults, interrupts.
+
+Every bad input must give the exception type scikit-learn's own estimators give, before any
+work is done, and must leave a fitted model untouched (same scores, same weights, same fitted
+attributes). See docs/reliability.md for the table these tests back.
+"""
+
+import copy
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.utils._param_validation import InvalidParameterError
+
+import sknvp._density as density_module
+import sknvp._training as training_module
+from sknvp import RealNVPDensity
+
+TINY = dict(n_couplings=2, hidden_layer_sizes=(8,), max_iter=2, batch_size=16,
+            random_state=0, device="cpu")
+N_FEATURES = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_quiet():
+    """One torch thread (the CI box is shared; OpenMP spinning makes tiny steps 100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return np.random.RandomState(0).randn(60, N_FEATURES)
+
+
+@pytest.fixture(scope="module")
+def _fitted_once(data):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = RealNVPDensity(**TINY).fit(data)
+    torch.set_num_threads(n)
+    return est
+
+
+@pytest.fixture
+def fitted(_fitted_once):
+    """A private copy of one fitted model (fitting is the slow part)."""
+    return copy.deepcopy(_fitted_once)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a flow is built or trained."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the input was rejected")
+
+    monkeypatch.setattr(RealNVPDensity, "_build_module", forbidden)
+    monkeypatch.setattr(density_module, "fit_flow", forbidden)
+
+
+def snapshot(est, X):
+    """Everything a failing call must not change."""
+    return {
+        "scores": est.score_samples(X),
+        "module": est.module_,
+        "state": {k: v.detach().clone() for k, v in est.module_.state_dict().items()},
+        "attrs": {k: copy.deepcopy(v) for k, v in vars(est).items() if k != "module_"},
+    }
+
+
+def assert_unchanged(before, est, X):
+    after = snapshot(est, X)
+    np.testing.assert_array_equal(after["scores"], before["scores"])
+    assert after["module"] is before["module"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+    assert after["attrs"].keys() == before["attrs"].keys()
+    for k, v in before["attrs"].items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(after["attrs"][k], v)
+        elif k != "_optimizer_state":
+            assert after["attrs"][k] == v, k
+
+
+# ----------------------------------------------------------------------------- bad data
+
+def _with(X, i, j, value):
+    X = X.astype(float).copy()
+    X[i, j] = value
+    return X
+
+
+NAN_MSG = "Input X contains NaN"
+INF_MSG = "Input X contains infinity or a value too large"
+
+# (id, builder(X) -> bad X, exception type, message regex)
+BAD_DATA = [
+    ("nan", lambda X: _with(X, 0, 0, np.nan), ValueError, NAN_MSG),
+    ("inf", lambda X: _with(X, 1, 1, np.inf), ValueError, INF_MSG),
+    ("-inf", lambda X: _with(X, 1, 1, -np.inf), ValueError, INF_MSG),
+    ("object-None", lambda X: np.array([[None, 1.0, 2.0]] * 5, dtype=object), ValueError,
+     NAN_MSG),
+    ("empty", lambda X: np.empty((0, X.shape[1])), ValueError,
+     r"Found array with 0 sample\(s\) \(shape=\(0, 3\)\) while a minimum of \d is required"),
+    ("zero-features", lambda X: np.empty((5, 0)), ValueError,
+     r"0 feature\(s\) \(shape=\(5, 0\)\) while a minimum of 1 is required"),
+    ("1-D", lambda X: X[:, 0], ValueError, "Expected 2D array, got 1D array instead"),
+    ("scalar", lambda X: 3.0, ValueError, "Expected 2D array, got scalar array instead"),
+    ("3-D", lambda X: X[:30].reshape(10, 3, 3), ValueError,
+     "Found array with dim 3, while dim <= 2 is required by RealNVPDensity"),
+    ("sparse-csr", lambda X: sp.csr_matrix(X), TypeError, "Sparse data was passed for X"),
+    ("sparse-coo", lambda X: sp.coo_array(X), TypeError, "Sparse data was passed for X"),
+    ("complex", lambda X: X + 1j, ValueError, "Complex data not supported"),
+    ("strings", lambda X: np.array([["a", "b", "c"]] * 5), ValueError,
+     "could not convert string to float"),
+    ("object-strings", lambda X: np.array([["1", "x", 2.0]] * 5, dtype=object), ValueError,
+     "could not convert string to float"),
+]
+INFERENCE = ["score_samples", "score", "transform", "inverse_transform"]
+
+
+@pytest.mark.parametrize("make, exc, match", [c[1:] for c in BAD_DATA],
+                         ids=[c[0] for c in BAD_DATA])
+def test_bad_data_rejected_by_fit_before_any_work(data, make, exc, match, no_work):
+    with pytest.raises(exc, match=match):
+        RealNVPDensity(**TINY).fit(make(data))
+
+
+@pytest.mark.parametrize("make, exc, match", [c[1:] for c in BAD_DATA],
+                         ids=[c[0] for c in BAD_DATA])
+def test_bad_data_in_refit_leaves_model_untouched(fitted, data, make, exc, match, no_work):
+    before = snapshot(fitted, data)
+    with pytest.raises(exc, match=match):
+        fitted.fit(make(data))
+    assert_unchanged(before, fitted, data)
+
+
+@pytest.mark.parametrize("method", INFERENCE)
+@pytest.mark.parametrize("make, exc, match", [c[1:] for c in BAD_DATA],
+                         ids=[c[0] for c in BAD_DATA])
+def test_bad_data_at_inference(fitted, data, method, make, exc, match):
+    before = snapshot(fitted, data)
+    with pytest.raises(exc, match=match):
+        getattr(fitted, method)(make(data))
+    assert_unchanged(before, fitted, data)
+
+
+@pytest.mark.parametrize("method", INFERENCE)
+def test_wrong_n_features_at_inference(fitted, data, method):
+    before = snapshot(fitted, data)
+    msg = "X has 2 features, but RealNVPDensity is expecting 3 features as input."
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        getattr(fitted, method)(data[:, :2])
+    assert_unchanged(before, fitted, data)
+
+
+@pytest.mark.parametrize("method", INFERENCE + ["sample"])
+def test_not_fitted(method, data):
+    args = () if method == "sample" else (data,)
+    with pytest.raises(NotFittedError, match="is not fitted yet"):
+        getattr(RealNVPDensity(**TINY), method)(*args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sample_weight": -np.ones(60)}, "Negative values in data passed to `sample_weight`"),
+        ({"sample_weight": np.ones(5)}, re.escape("sample_weight.shape == (5,), expected (60,)")),
+        ({"sample_weight": np.full(60, np.nan)}, "sample_weight contains NaN"),
+        ({"sample_weight": np.zeros(60)},
+         "Sample weights must contain at least one non-zero number|positive sum"),
+    ],
+    ids=["negative", "wrong-shape", "nan", "all-zero"],
+)
+def test_bad_sample_weight(fitted, data, kwargs, match, no_work):
+    before = snapshot(fitted, data)
+    with pytest.raises(ValueError, match=match):
+        fitted.fit(data, **kwargs)
+    assert_unchanged(before, fitted, data)
+
+
+def test_too_few_rows(data, no_work):
+    with pytest.raises(ValueError, match=r"1 sample\(s\)"):
+        RealNVPDensity(**TINY).fit(data[:1])
+    with pytest.raises(ValueError, match="need at least 2"):
+        RealNVPDensity(**TINY).fit(data[:2])
+
+
+def test_warm_start_refit_with_other_n_features(fitted, data, no_work):
+    before = snapshot(fitted, data)
+    fitted.set_params(warm_start=True)
+    with pytest.raises(ValueError, match="X has 2 features, but RealNVPDensity is expecting 3"):
+        fitted.fit(data[:, :2])
+    fitted.set_params(warm_start=False)
+    assert_unchanged(before, fitted, data)
+
+
+# ------------------------------------------------------------- accepted, converted dtypes
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda X: np.round(X * 4).astype(np.int64),
+        lambda X: np.round(X * 4).astype(np.int32),
+        lambda X: np.round(X * 4).astype(np.int16),
+        lambda X: np.round(X * 4).astype(np.float16),
+        lambda X: np.round(X * 4).astype(np.float32),
+        lambda X: np.round(X * 4).tolist(),
+        lambda X: pd.DataFrame(np.round(X * 4).astype(np.int64)),
+    ],
+    ids=["int64", "int32", "int16", "float16", "float32", "list", "int-DataFrame"],
+)
+def test_numeric_dtypes_are_converted(fitted, data, convert):
+    Xr = np.round(data * 4)
+    ref = fitted.score_samples(Xr)
+    Xc = convert(data)
+    for method in INFERENCE:
+        out = getattr(fitted, method)(Xc)
+        assert np.all(np.isfinite(out))
+        if method != "score":
+            assert out.dtype == np.float64
+    np.testing.assert_allclose(fitted.score_samples(Xc), ref, rtol=1e-12)
+    est = RealNVPDensity(**TINY).fit(Xc)
+    assert np.all(np.isfinite(est.score_samples(Xc)))
+
+
+def test_bool_data_is_converted(fitted, data):
+    B = data > 0
+    np.testing.assert_array_equal(fitted.score_samples(B), fitted.score_samples(B.astype(float)))
+    assert np.all(np.isfinite(RealNVPDensity(**TINY).fit(B).score_samples(B)))
+
+
+# ------------------------------------------------------------------- DataFrame names
+
+@pytest.fixture
+def fitted_df(data):
+    return RealNVPDensity(**TINY).fit(pd.DataFrame(data, columns=["a", "b", "c"]))
+
+
+def test_dataframe_fitted_scored_with_ndarray_warns(fitted_df, data):
+    with pytest.warns(UserWarning, match="X does not have valid feature names, but "
+                      "RealNVPDensity was fitted with feature names"):
+        fitted_df.score_samples(data)
+
+
+def test_ndarray_fitted_scored_with_dataframe_warns(fitted, data):
+    with pytest.warns(UserWarning, match="X has feature names, but RealNVPDensity was fitted "
+                      "without feature names"):
+        fitted.score_samples(pd.DataFrame(data, columns=["a", "b", "c"]))
+
+
+@pytest.mark.parametrize(
+    "columns, match",
+    [
+        (["a", "b", "z"], "Feature names unseen at fit time:\n- z"),
+        (["b", "a", "c"], "Feature names must be in the same order as they were in fit"),
+    ],
+    ids=["renamed", "reordered"],
+)
+@pytest.mark.parametrize("method", INFERENCE)
+def test_dataframe_with_other_names_raises(fitted_df, data, method, columns, match):
+    names = fitted_df.feature_names_in_.copy()
+    with pytest.raises(ValueError, match="The feature names should match those that were "
+                       "passed during fit"):
+        getattr(fitted_df, method)(pd.DataFrame(data, columns=columns))
+    with pytest.raises(ValueError, match=match):
+        getattr(fitted_df, method)(pd.DataFrame(data, columns=columns))
+    np.testing.assert_array_equal(fitted_df.feature_names_in_, names)
+
+
+# -------------------------------------------------------------------------- sample()
+
+@pytest.mark.parametrize(
+    "n, exc, match",
+    [
+        (-1, ValueError, "n_samples must be >= 0, got -1"),
+        (2.5, TypeError, "n_samples must be an int, got float"),
+        (2.0, TypeError, "n_samples must be an int, got float"),
+        (True, TypeError, "n_samples must be an int, got bool"),
+        (np.bool_(True), TypeError, "n_samples must be an int, got bool"),
+        ("3", TypeError, "n_samples must be an int, got str"),
+        (None, TypeError, "n_samples must be an int, got NoneType"),
+    ],
+)
+def test_sample_bad_n_samples(fitted, data, n, exc, match):
+    before = snapshot(fitted, data)
+    with pytest.raises(exc, match=match):
+        fitted.sample(n)
+    assert_unchanged(before, fitted, data)
+
+
+@pytest.mark.parametrize("n", [0, 1, np.int64(3), np.int32(2)])
+def test_sample_valid_n_samples(fitted, n):
+    out = fitted.sample(n, random_state=0)
+    assert out.shape == (int(n), N_FEATURES) and out.dtype == np.float64
+    assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize(
+    "temperature, exc",
+    [(0, ValueError), (0.0, ValueError), (-1.0, ValueError), (np.inf, ValueError),
+     (-np.inf, ValueError), (np.nan, ValueError), ("1", TypeError), (None, TypeError),
+     (True, TypeError), (np.bool_(True), TypeError)],
+)
+def test_sample_bad_temperature(fitted, data, temperature, exc):
+    before = snapshot(fitted, data)
+    with pytest.raises(exc, match="temperature"):
+        fitted.sample(3, temperature=temperature)
+    assert_unchanged(before, fitted, data)
+
+
+# ------------------------------------------------------------------ hyper-parameters
+
+def _cuda_unavailable(index=None):
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return n == 0 if index is None else index >= n
+
+
+BAD_PARAMS = [
+    # InvalidParameterError (a ValueError and a TypeError), from _parameter_constraints
+    ({"n_couplings": -1}, InvalidParameterError, "'n_couplings' parameter of RealNVPDensity "
+     r"must be an int in the range \[1, inf\). Got -1 instead"),
+    ({"n_couplings": 0}, InvalidParameterError, "'n_couplings' parameter"),
+    ({"n_couplings": 2.5}, InvalidParameterError, "'n_couplings' parameter"),
+    ({"activation": "sigmoidish"}, InvalidParameterError, "'activation' parameter"),
+    ({"mask": "diagonal"}, InvalidParameterError, "'mask' parameter"),
+    ({"validation_fraction": 0.0}, InvalidParameterError, "'validation_fraction' parameter"),
+    ({"validation_fraction": 1.0}, InvalidParameterError, "'validation_fraction' parameter"),
+    ({"validation_fraction": -0.1}, InvalidParameterError, "'validation_fraction' parameter"),
+    ({"validation_fraction": 1.5}, InvalidParameterError, "'validation_fraction' parameter"),
+    ({"scale_bound": 0}, InvalidParameterError, "'scale_bound' parameter"),
+    ({"max_iter": 0}, InvalidParameterError, "'max_iter' parameter"),
+    ({"batch_size": 0}, InvalidParameterError, "'batch_size' parameter"),
+    ({"learning_rate_init": -1.0}, InvalidParameterError, "'learning_rate_init' parameter"),
+    ({"learning_rate": "adaptive"}, InvalidParameterError, "'learning_rate' parameter"),
+    ({"alpha": -1.0}, InvalidParameterError, "'alpha' parameter"),
+    ({"tol": -1.0}, InvalidParameterError, "'tol' parameter"),
+    ({"n_iter_no_change": 0}, InvalidParameterError, "'n_iter_no_change' parameter"),
+    ({"early_stopping": "yes"}, InvalidParameterError, "'early_stopping' parameter"),
+    ({"dtype": "float16"}, InvalidParameterError, "'dtype' parameter"),
+    ({"device": 3}, InvalidParameterError, "'device' parameter"),
+    ({"hidden_layer_sizes": "ab"}, InvalidParameterError, "'hidden_layer_sizes' parameter"),
+    # data-dependent checks: ValueError, as sklearn's for n_components > n_samples
+    ({"hidden_layer_sizes": (0,)}, ValueError, "hidden_layer_sizes must be positive integers"),
+    ({"hidden_layer_sizes": (8, -1)}, ValueError, "hidden_layer_sizes must be positive"),
+    ({"mask": np.ones((2, 2))}, ValueError,
+     re.escape("Expected mask of shape (n_couplings, n_features) = (2, 3), got (2, 2)")),
+    ({"mask": np.ones(3)}, ValueError, "Expected mask of shape"),
+    ({"mask": [[0, 2, 1], [1, 0, 0]]}, ValueError, "Expected a binary mask"),
+    ({"mask": [[0.5, 1, 0], [1, 0, 0]]}, ValueError, "Expected a binary mask"),
+    ({"mask": [[1, 0, 1], [1, 1, 0]]}, ValueError, r"never transforms feature\(s\) \[0\]"),
+    ({"device": "tpu"}, ValueError, "Unknown device 'tpu'"),
+    ({"device": "gpu0"}, ValueError, "Unknown device 'gpu0'"),
+]
+if _cuda_unavailable():
+    BAD_PARAMS.append(({"device": "cuda"}, ValueError, "device='cuda' is not available"))
+if _cuda_unavailable(7):
+    BAD_PARAMS.append(({"device": "cuda:7"}, ValueError, "device='cuda:7' is not available"))
+if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    BAD_PARAMS.append(({"device": "mps"}, ValueError, "device='mps' is not available"))
+
+
+def _param_id(case):
+    (key, value), = case[0].items()
+    return f"{key}={value!r}".replace("\n", "")[:40]
+
+
+@pytest.mark.parametrize("params, exc, match", BAD_PARAMS, ids=[_param_id(c) for c in BAD_PARAMS])
+def test_bad_hyper_parameter_rejected_before_any_work(data, params, exc, match, no_work):
+    with pytest.raises(exc, match=match) as info:
+        RealNVPDensity(**{**TINY, **params}).fit(data)
+    if exc is InvalidParameterError:
+        assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+@pytest.mark.parametrize("params, exc, match", BAD_PARAMS, ids=[_param_id(c) for c in BAD_PARAMS])
+def test_bad_hyper_parameter_in_refit_leaves_model_untouched(fitted, data, params, exc, match,
+                                                             no_work):
+    before = snapshot(fitted, data)
+    good = fitted.get_params()
+    fitted.set_params(**params)
+    with pytest.raises(exc, match=match):
+        fitted.fit(data)
+    fitted.set_params(**good)
+    assert_unchanged(before, fitted, data)
+
+
+@pytest.mark.parametrize("params, exc, match", BAD_PARAMS, ids=[_param_id(c) for c in BAD_PARAMS])
+def test_failing_refit_on_other_shaped_data_leaves_model_untouched(fitted, data, params, exc,
+                                                                   match, no_work):
+    """A refit that fails after validate_data reset n_features_in_ must undo that reset."""
+    before = snapshot(fitted, data)
+    good = fitted.get_params()
+    fitted.set_params(**params)
+    other = pd.DataFrame(np.random.RandomState(1).randn(40, 3), columns=["u", "v", "w"])
+    with pytest.raises((ValueError, TypeError)):
+        fitted.fit(other)
+    fitted.set_params(**good)
+    assert_unchanged(before, fitted, data)
+
+
+def test_failing_first_fit_leaves_estimator_unfitted(data):
+    est = RealNVPDensity(**{**TINY, "mask": [[1, 0, 1], [1, 1, 0]]})
+    with pytest.raises(ValueError, match="never transforms"):
+        est.fit(pd.DataFrame(data, columns=["a", "b", "c"]))
+    assert not hasattr(est, "n_features_in_") and not hasattr(est, "feature_names_in_")
+    with pytest.raises(NotFittedError):
+        est.score_samples(data)
+
+
+def test_failing_refit_with_other_n_features_leaves_model_untouched(fitted, data, no_work):
+    before = snapshot(fitted, data)
+    fitted.set_params(mask=np.ones((2, 2)))
+    with pytest.raises(ValueError, match="never transforms"):
+        fitted.fit(np.random.RandomState(1).randn(40, 2))
+    fitted.set_params(mask="alternating")
+    assert fitted.n_features_in_ == N_FEATURES
+    assert_unchanged(before, fitted, data)
