@@ -597,6 +597,8 @@ class RealNVPDensity(
             Seed for this draw; ``None`` uses numpy's global random state.
         temperature : float, default=1.0
             Standard deviation of the latent normal; below 1 gives more typical samples.
+            Must be positive and finite; one so large that samples overflow float64 raises
+            ``ValueError`` rather than returning non-finite values.
 
         Returns
         -------
@@ -604,8 +606,7 @@ class RealNVPDensity(
         """
         check_is_fitted(self)
         n_samples = _check_n_samples(n_samples)
-        if not (isinstance(temperature, Real) and 0 < temperature < np.inf):
-            raise ValueError(f"temperature must be a positive finite float, got {temperature!r}.")
+        temperature = _check_temperature(temperature)
         gen = torch.Generator(device=self.device_).manual_seed(
             derive_seed(check_random_state(random_state))
         )
@@ -614,6 +615,10 @@ class RealNVPDensity(
             for start in range(0, n_samples, _INFERENCE_ROWS):
                 stop = min(start + _INFERENCE_ROWS, n_samples)
                 z[start:stop] = self.module_.sample(stop - start, gen, temperature).cpu().numpy()
+                if not np.isfinite(z[start:stop]).all():
+                    raise ValueError(
+                        f"temperature={temperature!r} is too large: samples overflow float64."
+                    )
         return z
 
     # -------------------------------------------------------------- persistence
@@ -655,6 +660,14 @@ def _check_n_samples(n_samples) -> int:
     if n_samples < 0:
         raise ValueError(f"n_samples must be >= 0, got {n_samples}.")
     return int(n_samples)
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}.")
+    if not 0 < temperature < np.inf:
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}.")
+    return float(temperature)
 
 
 def _state_to_cpu(state):

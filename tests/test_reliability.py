@@ -429,3 +429,21 @@ def test_failing_refit_with_other_n_features_leaves_model_untouched(fitted, data
     fitted.set_params(mask="alternating")
     assert fitted.n_features_in_ == N_FEATURES
     assert_unchanged(before, fitted, data)
+
+
+# ------------------------------------------------------------------- numerical faults
+
+@pytest.mark.parametrize(
+    "temperature", [1e-300, 1e-8, 0.1, 1, 3, 1e3, 1e10, 1e100, 1e300, 1e307, 1e308,
+                    np.finfo(np.float64).max],
+)
+def test_sample_is_finite_at_every_accepted_temperature(fitted, temperature):
+    """Either finite samples, or (only where they overflow float64) a clear ValueError."""
+    try:
+        out = fitted.sample(500, random_state=0, temperature=temperature)
+    except ValueError as exc:
+        assert temperature > 1e300, "only float64 overflow may refuse a valid temperature"
+        assert "too large" in str(exc) and "overflow" in str(exc)
+        return
+    assert out.shape == (500, N_FEATURES)
+    assert np.all(np.isfinite(out))
