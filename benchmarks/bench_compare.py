@@ -74,7 +74,7 @@ class Config:
     kde_throughput_rows: int = 20_000
     kde_folds: int = 5
     kde_grid: tuple = tuple(np.logspace(-2, 0.5, 14))
-    gmm_max_components: int = 30
+    gmm_max_components: int = 50
     gmm_patience: int = 5
     repeats: int = 1
     seed: int = 0
@@ -290,7 +290,10 @@ class GMMMethod:
             elif k - best.n_components >= self.cfg.gmm_patience:
                 break  # BIC has not improved for `gmm_patience` sizes in a row
         self.est = best
-        return {"n_components": int(best.n_components), "max_tried": len(bics)}
+        info = {"n_components": int(best.n_components), "max_tried": len(bics)}
+        if best.n_components == self.cfg.gmm_max_components:
+            info["at_cap"] = True  # BIC still improving at the largest size tried
+        return info
 
     def score_samples(self, X):
         return self.est.score_samples(X)
@@ -518,17 +521,18 @@ def run_benchmark(cfg: Config, sets, methods, out_dir: Path, merge: bool = False
                   threads: int | None = None) -> dict:
     results = {"config": _config_dict(cfg), "environment": environment(threads), "sets": {}}
     path = out_dir / "results.json"
-    if merge and path.exists():
-        old = json.loads(path.read_text())
-        results["sets"] = {k: v for k, v in old.get("sets", {}).items() if k not in sets}
+    old = json.loads(path.read_text()).get("sets", {}) if merge and path.exists() else {}
+    results["sets"] = {k: v for k, v in old.items() if k not in sets}
     methods = available_methods(methods)
     out_dir.mkdir(parents=True, exist_ok=True)
     warm_up(methods)
     for set_name in sets:
         ds = DATASETS[set_name](cfg)
+        kept = {m: c for m, c in old.get(set_name, {}).get("methods", {}).items()
+                if m not in methods}  # --merge: cells of methods not rerun now stay
         entry = {"label": ds.label, "n_train": len(ds.X_train), "n_test": len(ds.X_test),
                  "n_features": ds.X_train.shape[1], "note": ds.note, "ceiling": None,
-                 "methods": {}}
+                 "methods": kept}
         if ds.log_density is not None:
             entry["ceiling"] = float(np.mean(ds.log_density(ds.X_test)))
         results["sets"][set_name] = entry
@@ -544,6 +548,7 @@ def run_benchmark(cfg: Config, sets, methods, out_dir: Path, merge: bool = False
                 print(f"   {name:18s} ll {cell['loglik']:9.4f}  fit {cell['fit_wall_s']:8.2f} s "
                       f"(cpu {cell['fit_cpu_s']:7.2f})  score {cell['score_rows_per_s']:10.0f}/s"
                       f"  sample {cell['sample_rows_per_s']:10.0f}/s  {cell['info']}", flush=True)
+            cell["date"] = results["environment"]["date"]
             entry["methods"][name] = cell
             path.write_text(json.dumps(results, indent=1))
     try:
@@ -722,7 +727,7 @@ def render_markdown(results, figure: str | None) -> str:
         f"sknvp {env['sknvp']}; peers: {peers}. {env['cpu_count']} CPUs, load average at start "
         f"{_fmt_load(env.get('load_avg_start'))}, at end {_fmt_load(env.get('load_avg_end'))}. "
         f"{cfg['repeats']} fit(s) per cell{'; QUICK MODE (tiny, not meaningful)' if cfg['quick'] else ''}.",
-        "",
+        *_merged_note(results), "",
         "**Held-out mean log-likelihood** (nats per row, raw units; higher is better; best in bold;"
         " ± is the standard deviation over repeats):",
         "", *loglik_table(results), "",
@@ -749,6 +754,15 @@ def render_markdown(results, figure: str | None) -> str:
         *info_table(results), "",
     ]
     return "\n".join(lines)
+
+
+def _merged_note(results) -> list[str]:
+    dates = sorted({c.get("date", "?") for e in results["sets"].values()
+                    for c in e["methods"].values()})
+    if len(dates) <= 1:
+        return []
+    return ["", f"Cells come from runs on {', '.join(dates)} (`--merge`): ratios between cells "
+                "of different runs also reflect the machine's load at each time."]
 
 
 def _fmt_load(load):
@@ -1002,7 +1016,8 @@ def parse_args(argv=None):
     p.add_argument("--peer-loop", choices=("dataloader", "tensor"), default="dataloader",
                    help="how the peers' loop draws minibatches")
     p.add_argument("--merge", action="store_true",
-                   help="keep other sets' results from an earlier results.json in --out")
+                   help="keep the results of other sets and other methods from an earlier "
+                        "results.json in --out (rerun only what changed)")
     p.add_argument("--profile", action="store_true",
                    help="profile one matched-architecture epoch instead of benchmarking")
     return p.parse_args(argv)
