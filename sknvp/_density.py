@@ -61,9 +61,14 @@ def _check_mask_array(mask, n_couplings: int, n_features: int) -> torch.Tensor:
 
 
 def _standardization(X: np.ndarray, sample_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # In units of each column's largest magnitude, so that sums and squares of values near the
+    # float64 (or float32) limit do not overflow.
+    unit = np.max(np.abs(X), axis=0).astype(np.float64)
+    unit = np.where(unit > 0, unit, 1.0)
+    X = X / unit
     loc = np.average(X, axis=0, weights=sample_weight)
     var = np.average((X - loc) ** 2, axis=0, weights=sample_weight)
-    scale = np.sqrt(var)
+    loc, scale = loc * unit, np.sqrt(var) * unit
     tiny = ~(scale > 1e-12 * np.maximum(np.abs(loc), 1.0))
     if tiny.any():
         warnings.warn(
@@ -100,6 +105,30 @@ def _undo_input_attrs_on_error(fit_method):
             raise
 
     return wrapper
+
+
+def _check_training_range(X: np.ndarray, dtype: str) -> None:
+    """Refuse data float32 training cannot hold; warn where float32 rounds them coarsely."""
+    if dtype != "float32":
+        return
+    big = np.max(np.abs(X), axis=0).astype(np.float64)
+    limit = float(np.finfo(np.float32).max)
+    if big.max() > limit:
+        raise ValueError(
+            f"X has values up to {big.max():.3g} in magnitude, beyond the float32 range "
+            f"({limit:.3g}) used for training: pass dtype='float64' or rescale X."
+        )
+    step = np.spacing(big.astype(np.float32)).astype(np.float64)
+    spread = np.std(X, axis=0, dtype=np.float64)
+    coarse = np.flatnonzero((spread > 0) & (step > 1e-2 * spread))
+    if coarse.size:
+        warnings.warn(
+            f"Feature(s) {coarse.tolist()} are large relative to their spread: float32 training "
+            f"sees them rounded to steps of up to {np.max(step[coarse] / spread[coarse]):.2g} "
+            "standard deviations. Pass dtype='float64' or center X.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 class RealNVPDensity(
@@ -365,6 +394,7 @@ class RealNVPDensity(
         sample_weight = check_sample_weight(sample_weight, X)
         if not sample_weight.sum() > 0:
             raise ValueError("sample_weight must have a positive sum, got all zeros.")
+        _check_training_range(X, self.dtype)
         sizes, mask = self._check_params(X.shape[1])
         device = resolve_device(self.device)
         rng = check_random_state(self.random_state)
@@ -449,6 +479,7 @@ class RealNVPDensity(
             self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=first
         )
         sample_weight = check_sample_weight(sample_weight, X)
+        _check_training_range(X, self.dtype)
         sizes, mask = self._check_params(X.shape[1])
         device = resolve_device(self.device)
         if first or not hasattr(self, "_partial_seed"):

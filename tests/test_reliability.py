@@ -447,3 +447,162 @@ def test_sample_is_finite_at_every_accepted_temperature(fitted, temperature):
         return
     assert out.shape == (500, N_FEATURES)
     assert np.all(np.isfinite(out))
+
+
+@pytest.fixture(scope="module")
+def fitted_2d():
+    """A 2-D model trained long enough to have a non-trivial shape."""
+    from sklearn.datasets import make_moons
+
+    X, _ = make_moons(300, noise=0.05, random_state=0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = RealNVPDensity(n_couplings=4, hidden_layer_sizes=(16,), max_iter=15,
+                             batch_size=32, learning_rate_init=5e-3, random_state=0,
+                             device="cpu").fit(X)
+    torch.set_num_threads(n)
+    return est, X
+
+
+FAR = [10.0, 1e3, 1e6, 1e30, 1e100, 1e150, 1e200, 1e300]
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_far_points_get_finite_low_ordered_log_densities(fitted_2d, activation):
+    est, X = fitted_2d
+    if activation != est.activation:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est = RealNVPDensity(**{**est.get_params(), "activation": activation}).fit(X)
+    lowest = -np.finfo(np.float64).max
+    center, std = X.mean(0), X.std(0)
+    directions = np.random.RandomState(0).randn(12, 2)
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    floor = est.score_samples(X).min()
+    for u in directions:
+        points = center + np.outer(FAR, u * std)
+        assert np.all(np.isfinite(points))
+        s = est.score_samples(points)
+        assert s.dtype == np.float64 and s.shape == (len(FAR),)
+        assert not np.any(np.isnan(s)) and np.all(np.isfinite(s)), s
+        assert np.all(s >= lowest)
+        assert np.all(s[1:] < floor - 100)  # 1e3 std away and beyond: far below any data point
+        assert np.all(np.diff(s) <= 0), s  # farther is never higher ...
+        strict = np.array(FAR[1:]) <= 1e100  # ... and strictly lower while -|z|^2/2 is finite
+        assert np.all(np.diff(s)[strict] < 0), s
+    # Beyond ~1e154 standard deviations log p is below -1.8e308: the lowest finite float.
+    assert est.score_samples(center + 1e300 * std[None, :])[0] == lowest
+    assert est.score(center + np.outer([1e3, 1e30], std)) < floor
+
+
+def test_far_points_score_samples_row_independent(fitted_2d):
+    """Clamping a far row to the lowest float never changes the other rows of the batch."""
+    est, X = fitted_2d
+    mixed = np.vstack([X[:5], np.full((1, 2), 1e300), X[5:10]])
+    s = est.score_samples(mixed)
+    np.testing.assert_allclose(np.delete(s, 5), est.score_samples(X[:10]), rtol=1e-12)
+
+
+def _all_finite(est):
+    return all(bool(torch.isfinite(t).all()) for t in est.module_.state_dict().values()
+               if t.is_floating_point())
+
+
+def _fit_recording(X, **params):
+    params = {**dict(n_couplings=4, hidden_layer_sizes=(16,), max_iter=12, batch_size=32,
+                     random_state=0, device="cpu"), **params}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = RealNVPDensity(**params).fit(X)
+    return est, caught
+
+
+def _moons(n=200):
+    from sklearn.datasets import make_moons
+
+    return make_moons(n, noise=0.05, random_state=0)[0]
+
+
+HARD_DATA = {
+    "duplicated-points": lambda: np.repeat(_moons()[:5], 40, axis=0),
+    "all-rows-identical": lambda: np.ones((100, 2)),
+    "constant-feature": lambda: np.c_[_moons()[:, 0], np.full(200, 3.0)],
+    "identical-features": lambda: np.c_[_moons()[:, 0], _moons()[:, 0]],
+    "values-around-1e8": lambda: _moons() * 1e3 + 1e8,
+    "values-scaled-1e8": lambda: _moons() * 1e8,
+    "values-tiny-1e-200": lambda: _moons() * 1e-200,
+}
+
+
+@pytest.mark.parametrize("name", list(HARD_DATA))
+def test_degenerate_data_never_leave_non_finite_weights(name):
+    X = HARD_DATA[name]()
+    est, caught = _fit_recording(X)
+    assert _all_finite(est)
+    assert all(np.isfinite(v) for v in est.loss_curve_)
+    s = est.score_samples(X)
+    assert np.all(np.isfinite(s))
+    assert np.all(np.isfinite(est.sample(200, random_state=0)))
+    assert np.all(np.isfinite(est.transform(X)))
+    if name in ("all-rows-identical", "constant-feature", "values-tiny-1e-200"):
+        assert any("constant" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_huge_learning_rate_keeps_finite_weights_and_warns(early_stopping):
+    X = _moons()
+    est, caught = _fit_recording(X, learning_rate_init=10.0, early_stopping=early_stopping)
+    assert _all_finite(est)
+    assert np.all(np.isfinite(est.score_samples(X)))
+    assert np.all(np.isfinite(est.sample(100, random_state=0)))
+    advice = [w for w in caught if issubclass(w.category, ConvergenceWarning)
+              and "learning_rate_init" in str(w.message)]
+    assert advice, [str(w.message) for w in caught]
+
+
+def test_unbounded_scales_diverge_to_best_finite_weights():
+    """scale_bound=50 lets exp(s) overflow: training stops, keeps finite weights, advises."""
+    X = _moons()
+    est, caught = _fit_recording(X, learning_rate_init=10.0, scale_bound=50.0)
+    assert _all_finite(est)
+    assert np.all(np.isfinite(est.score_samples(X)))
+    msgs = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert any("non-finite" in m and "learning_rate_init" in m for m in msgs), msgs
+
+
+def test_values_near_float64_limit_train_in_float64():
+    """Scaling X by 1e300 only shifts log p by -2 log(1e300) (standardisation is exact)."""
+    X = _moons()
+    est, _ = _fit_recording(X * 1e300, dtype="float64", max_iter=3)
+    ref, _ = _fit_recording(X, dtype="float64", max_iter=3)
+    assert _all_finite(est)
+    s = est.score_samples(X * 1e300)
+    np.testing.assert_allclose(s + 2 * np.log(1e300), ref.score_samples(X), atol=1e-6)
+    sample = est.sample(50, random_state=0)
+    assert np.all(np.isfinite(sample))
+    np.testing.assert_allclose(sample / 1e300, ref.sample(50, random_state=0), atol=1e-9)
+
+
+def test_large_offset_is_exact_in_float64():
+    """A constant offset of 1e8 leaves log-densities unchanged when training in float64."""
+    X = _moons()
+    est, caught = _fit_recording(X + 1e8, dtype="float64")
+    ref, _ = _fit_recording(X, dtype="float64")
+    assert not any("float32" in str(w.message) for w in caught)
+    np.testing.assert_allclose(est.score_samples(X + 1e8), ref.score_samples(X), atol=1e-5)
+
+
+def test_large_offset_in_float32_warns_about_rounding():
+    """float32 rounds 1e8 + x to steps of 8: warn and name the fix."""
+    est, caught = _fit_recording(_moons() + 1e8, dtype="float32", max_iter=2)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert any("float32" in m and "dtype='float64'" in m for m in msgs), msgs
+    assert _all_finite(est)
+
+
+def test_values_beyond_float32_range_rejected_before_any_work(no_work):
+    X = _moons() * 1e300
+    with pytest.raises(ValueError, match="float32"):
+        RealNVPDensity(**{**TINY, "dtype": "float32"}).fit(X)
