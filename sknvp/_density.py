@@ -531,6 +531,19 @@ class RealNVPDensity(
                 UserWarning,
                 stacklevel=4,
             )
+        elif _unstable(result):
+            kept = (
+                "the last epoch's weights (early_stopping=True would keep the best ones)"
+                if not self.early_stopping else f"the weights of epoch {result.best_epoch + 1}"
+                if result.best_epoch >= 0 else "the initial weights"
+            )
+            warnings.warn(
+                f"Training was unstable: the training loss ended at {result.loss_curve[-1]:.3g}"
+                f" nats per sample, above its best of {min(result.loss_curve):.3g}; kept {kept}."
+                f" Lower learning_rate_init (now {self.learning_rate_init:g}) or scale_bound.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
         elif not result.converged:
             warnings.warn(
                 f"max_iter={self.max_iter} reached before the "
@@ -699,6 +712,15 @@ def _check_temperature(temperature) -> float:
     if not 0 < temperature < np.inf:
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}.")
     return float(temperature)
+
+
+def _unstable(result) -> bool:
+    """Training blew up without non-finite values: the training loss ended more than 1 nat
+    above its best, or no epoch beat the initial weights and validation fell over 1 nat."""
+    curve, valid = result.loss_curve, result.validation_scores
+    rose = bool(curve) and curve[-1] > min(curve) + 1.0
+    never = result.best_epoch < 0 and bool(valid) and min(valid) < result.best_score - 1.0
+    return rose or never
 
 
 def _state_to_cpu(state):

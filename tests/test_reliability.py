@@ -606,3 +606,35 @@ def test_values_beyond_float32_range_rejected_before_any_work(no_work):
     X = _moons() * 1e300
     with pytest.raises(ValueError, match="float32"):
         RealNVPDensity(**{**TINY, "dtype": "float32"}).fit(X)
+
+
+def _outcome_warnings(est, **fields):
+    from sknvp._training import TrainResult
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est._warn_outcome(TrainResult(**fields))
+    return [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+
+
+def test_unstable_warning_when_no_epoch_beat_the_initial_weights():
+    """A loss that exploded in the first epoch and then fell slowly still gets advice."""
+    est = RealNVPDensity(**TINY)
+    msgs = _outcome_warnings(
+        est, loss_curve=[5e22, 4e22, 3e22], validation_scores=[-6e22, -4e22, -3e22],
+        n_iter=3, best_epoch=-1, best_score=-2.8, converged=True)
+    assert any("unstable" in m and "initial weights" in m and "learning_rate_init" in m
+               for m in msgs), msgs
+
+
+def test_no_unstable_warning_on_gaussian_data_where_the_initial_model_is_best():
+    est = RealNVPDensity(**TINY)
+    msgs = _outcome_warnings(
+        est, loss_curve=[2.81, 2.80, 2.80], validation_scores=[-2.85, -2.84, -2.84],
+        n_iter=3, best_epoch=-1, best_score=-2.83, converged=True)
+    assert msgs == []
+
+
+def test_ordinary_training_is_not_called_unstable():
+    est, caught = _fit_recording(_moons(), learning_rate_init=5e-3)
+    assert not [w for w in caught if "unstable" in str(w.message)]
