@@ -539,7 +539,7 @@ class RealNVPDensity(
             )
             warnings.warn(
                 f"Training was unstable: the training loss ended at {result.loss_curve[-1]:.3g}"
-                f" nats per sample, above its best of {min(result.loss_curve):.3g}; kept {kept}."
+                f" nats per sample (best {min(result.loss_curve):.3g}); kept {kept}."
                 f" Lower learning_rate_init (now {self.learning_rate_init:g}) or scale_bound.",
                 ConvergenceWarning,
                 stacklevel=4,
