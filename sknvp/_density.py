@@ -166,7 +166,8 @@ class RealNVPDensity(
     max_iter : int, default=200
         Maximum number of epochs.
     batch_size : int or "auto", default="auto"
-        Rows per optimisation step; ``"auto"`` uses ``min(256, n_samples)``.
+        Rows per optimisation step; ``"auto"`` uses ``n_train // 16`` clipped to [16, 256]
+        (at least ~16 steps per epoch on small data).
     learning_rate_init : float, default=1e-3
         Adam's initial learning rate.
     learning_rate : {"cosine", "constant"}, default="cosine"
@@ -437,7 +438,8 @@ class RealNVPDensity(
         x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype)
         x_va, w_va = self._to_tensors(X, sample_weight, valid_idx, device, dtype)
         optimizer = self._resume_optimizer(work) if warm else None
-        batch_size = min(256, len(train_idx)) if self.batch_size == "auto" else self.batch_size
+        auto = self.batch_size == "auto"
+        batch_size = _auto_batch_size(len(train_idx)) if auto else self.batch_size
         generator = torch.Generator().manual_seed(seed)
         result, optimizer = fit_flow(
             work, x_tr, x_valid=x_va if len(valid_idx) else None, w_train=w_tr, w_valid=w_va,
@@ -696,6 +698,11 @@ class RealNVPDensity(
         tags = super().__sklearn_tags__()
         tags.non_deterministic = False
         return tags
+
+
+def _auto_batch_size(n_train: int) -> int:
+    """At least ~16 steps per epoch on small data, at most 256 rows per step."""
+    return int(min(256, max(16, n_train // 16), n_train))
 
 
 def _check_n_samples(n_samples) -> int:
