@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import threading
 import warnings
 from numbers import Integral, Real
 
@@ -30,6 +31,7 @@ from .nets import ACTIVATIONS
 __all__ = ["RealNVPDensity"]
 
 _INFERENCE_ROWS = 65536
+_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 def _check_hidden_layer_sizes(sizes) -> tuple[int, ...]:
@@ -338,7 +340,9 @@ class RealNVPDensity(
         """Build a fresh flow for ``X`` (subclasses override for other architectures)."""
         loc, scale = _standardization(X, sample_weight)
         gen = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
+        # Layer constructors draw from torch's global RNG: fork it (so the user's stream is
+        # untouched) under a lock (so fits in concurrent threads cannot interleave seeds).
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_realnvp(
                 X.shape[1],
@@ -392,9 +396,7 @@ class RealNVPDensity(
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=not warm
         )
-        sample_weight = check_sample_weight(sample_weight, X)
-        if not sample_weight.sum() > 0:
-            raise ValueError("sample_weight must have a positive sum, got all zeros.")
+        sample_weight = _check_positive_weights(check_sample_weight(sample_weight, X))
         _check_training_range(X, self.dtype)
         sizes, mask = self._check_params(X.shape[1])
         device = resolve_device(self.device)
@@ -480,7 +482,7 @@ class RealNVPDensity(
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=first
         )
-        sample_weight = check_sample_weight(sample_weight, X)
+        sample_weight = _check_positive_weights(check_sample_weight(sample_weight, X))
         _check_training_range(X, self.dtype)
         sizes, mask = self._check_params(X.shape[1])
         device = resolve_device(self.device)
@@ -698,6 +700,12 @@ class RealNVPDensity(
         tags = super().__sklearn_tags__()
         tags.non_deterministic = False
         return tags
+
+
+def _check_positive_weights(sample_weight: np.ndarray) -> np.ndarray:
+    if not sample_weight.sum() > 0:
+        raise ValueError("sample_weight must have a positive sum, got all zeros.")
+    return sample_weight
 
 
 def _auto_batch_size(n_train: int) -> int:

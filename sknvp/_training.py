@@ -130,7 +130,8 @@ def fit_flow(
 
     Stops after ``max_iter`` epochs, or when the monitored quantity (the validation
     log-likelihood if ``x_valid`` is given, else the training loss) has not improved by ``tol``
-    for ``n_iter_no_change`` epochs. With ``x_valid`` the best weights are restored at the end.
+    for ``n_iter_no_change`` epochs. The best weights are restored at the end: by validation
+    log-likelihood with ``x_valid``, else by epoch training loss.
     A batch whose loss is not finite is skipped; an epoch that leaves non-finite weights or
     loss ends training with the best finite weights restored (``diverged``). A
     ``KeyboardInterrupt`` also restores the best weights (``interrupted``).
@@ -184,8 +185,9 @@ def fit_flow(
                 break
     except KeyboardInterrupt:
         result.interrupted = True
-    if monitor_valid or result.diverged or result.interrupted:
-        module.load_state_dict(best_state)
+    # The best weights: by validation log-likelihood, else by training loss (which guards a
+    # run whose last epochs blew up without producing non-finite numbers).
+    module.load_state_dict(best_state)
     module.eval()
     result.fit_seconds = time.perf_counter() - start
     return result, optimizer

@@ -124,11 +124,6 @@ def test_grid_search_local_backends(backend, X, serial_search):
 GRID_PRODUCT = [{"mask": m, "n_couplings": k} for k in GRID["n_couplings"] for m in GRID["mask"]]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="weights are initialised from torch's global RNG inside fork_rng, which concurrent "
-    "threads interleave; seeded fits in threads are not reproducible (race: may pass by luck)",
-)
 def test_seeded_fits_in_threads_are_reproducible(X):
     # 16 seeded one-epoch fits, four at a time in threads, must equal the same fits run serially.
     def fit(seed):
