@@ -585,8 +585,12 @@ class RealNVPDensity(
         """
         X = self._validated(X)
         module = self.module_
-        out = self._map(module.log_prob, X, ())
-        return np.nan_to_num(out, nan=-np.finfo(np.float64).max, neginf=-np.finfo(np.float64).max)
+        lowest = -np.finfo(np.float64).max  # per chunk: no temporaries the size of X
+
+        def log_prob(x):
+            return torch.nan_to_num(module.log_prob(x), nan=lowest, neginf=lowest)
+
+        return self._map(log_prob, X, ())
 
     def score(self, X, y=None):
         """Mean log-likelihood per sample of ``X`` (as GaussianMixture; higher is better).
