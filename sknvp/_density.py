@@ -537,8 +537,7 @@ class RealNVPDensity(
             )
         elif _unstable(result):
             kept = (
-                "the last epoch's weights (early_stopping=True would keep the best ones)"
-                if not self.early_stopping else f"the weights of epoch {result.best_epoch + 1}"
+                f"the weights of epoch {result.best_epoch + 1}"
                 if result.best_epoch >= 0 else "the initial weights"
             )
             warnings.warn(

@@ -557,9 +557,11 @@ def test_huge_learning_rate_keeps_finite_weights_and_warns(early_stopping):
     assert _all_finite(est)
     assert np.all(np.isfinite(est.score_samples(X)))
     assert np.all(np.isfinite(est.sample(100, random_state=0)))
-    advice = [w for w in caught if issubclass(w.category, ConvergenceWarning)
+    advice = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)
               and "learning_rate_init" in str(w.message)]
     assert advice, [str(w.message) for w in caught]
+    # fit_flow restores the best weights (by validation score, else by training loss)
+    assert re.search(r"kept (the weights of epoch \d+|the initial weights)", advice[0]), advice
 
 
 def test_unbounded_scales_diverge_to_best_finite_weights():
