@@ -106,6 +106,17 @@ def _validation_score(module, x, w) -> float:
     return float(_weighted_mean(evaluate_log_prob(module, x), w))
 
 
+def _keep_better_on_training_data(module, candidate, x, w) -> None:
+    """Keep the final weights unless ``candidate`` fits the training data better (a run whose
+    last epochs blew up without producing non-finite numbers)."""
+    final_state = copy.deepcopy(module.state_dict())
+    final = _validation_score(module, x, w)
+    module.load_state_dict(candidate)
+    best = _validation_score(module, x, w)
+    if math.isfinite(final) and not best > final:
+        module.load_state_dict(final_state)
+
+
 def fit_flow(
     module: nn.Module,
     x_train: Tensor,
@@ -130,8 +141,9 @@ def fit_flow(
 
     Stops after ``max_iter`` epochs, or when the monitored quantity (the validation
     log-likelihood if ``x_valid`` is given, else the training loss) has not improved by ``tol``
-    for ``n_iter_no_change`` epochs. The best weights are restored at the end: by validation
-    log-likelihood with ``x_valid``, else by epoch training loss.
+    for ``n_iter_no_change`` epochs. With ``x_valid`` the weights of the best validation epoch
+    are restored at the end; without, the final weights are kept unless those of the best
+    training epoch fit the training data better.
     A batch whose loss is not finite is skipped; an epoch that leaves non-finite weights or
     loss ends training with the best finite weights restored (``diverged``). A
     ``KeyboardInterrupt`` also restores the best weights (``interrupted``).
@@ -155,6 +167,9 @@ def fit_flow(
         for epoch in range(max_iter):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(learning_rate, learning_rate_init, epoch, max_iter)
+            # Without validation the epoch's loss was measured on the weights *during* the
+            # epoch, so it is paired with the weights at the epoch's start.
+            at_start = None if monitor_valid else copy.deepcopy(module.state_dict())
             loss, skipped = _train_epoch(
                 module, optimizer, x_train, w_train, batch_size, generator, transform_batch
             )
@@ -170,13 +185,10 @@ def fit_flow(
             if not math.isfinite(score):
                 result.diverged = True
                 break
-            if score > result.best_score + tol:
-                no_improvement = 0
-            else:
-                no_improvement += 1
+            no_improvement = 0 if score > result.best_score + tol else no_improvement + 1
             if score > result.best_score:
                 result.best_score, result.best_epoch = score, epoch
-                best_state = copy.deepcopy(module.state_dict())
+                best_state = at_start or copy.deepcopy(module.state_dict())
             if verbose:
                 extra = f", validation score = {score:.5f}" if monitor_valid else ""
                 print_fn(f"Epoch {epoch + 1}, loss = {loss:.5f}{extra}")
@@ -185,9 +197,10 @@ def fit_flow(
                 break
     except KeyboardInterrupt:
         result.interrupted = True
-    # The best weights: by validation log-likelihood, else by training loss (which guards a
-    # run whose last epochs blew up without producing non-finite numbers).
-    module.load_state_dict(best_state)
+    if monitor_valid or result.diverged or result.interrupted:
+        module.load_state_dict(best_state)
+    else:
+        _keep_better_on_training_data(module, best_state, x_train, w_train)
     module.eval()
     result.fit_seconds = time.perf_counter() - start
     return result, optimizer

@@ -1,0 +1,295 @@
+"""Behaviour of RealNVPDensity as a scikit-learn estimator."""
+
+import pickle
+import re
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
+
+import sknvp._density as density_module
+from sknvp import RealNVPDensity
+
+FAST = dict(
+    n_couplings=4, hidden_layer_sizes=(16, 16), max_iter=15, batch_size=64,
+    learning_rate_init=5e-3, random_state=0,
+    device="cpu",
+)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_convergence():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
+@pytest.fixture
+def fitted(moons):
+    return RealNVPDensity(**FAST).fit(moons[0])
+
+
+def _grid_integral(est, X, margin=4.0, n=300):
+    lo, hi = X.min(0), X.max(0)
+    span = hi - lo
+    gx = np.linspace(lo[0] - margin * span[0], hi[0] + margin * span[0], n)
+    gy = np.linspace(lo[1] - margin * span[1], hi[1] + margin * span[1], n)
+    xx, yy = np.meshgrid(gx, gy)
+    dens = np.exp(est.score_samples(np.c_[xx.ravel(), yy.ravel()]))
+    return dens.sum() * (gx[1] - gx[0]) * (gy[1] - gy[0])
+
+
+@pytest.mark.parametrize("units", [1.0, 100.0])
+def test_density_integrates_to_one(moons, units):
+    # A fitted 2-D density integrates to 1 by grid quadrature, also in units 100x larger, so
+    # the internal standardisation's log-det is accounted for.
+    X = moons[0] * units
+    est = RealNVPDensity(**{**FAST, "max_iter": 40}).fit(X)
+    assert _grid_integral(est, X) == pytest.approx(1.0, abs=0.02)
+
+
+def test_units_shift_log_density_by_log_jacobian(moons):
+    # Scaling the data by c shifts every log-density by -d log c (same seed, same model).
+    X = moons[0]
+    a = RealNVPDensity(**FAST).fit(X)
+    b = RealNVPDensity(**FAST).fit(X * 10.0)
+    np.testing.assert_allclose(
+        b.score_samples(moons[1] * 10.0), a.score_samples(moons[1]) - 2 * np.log(10.0),
+        atol=1e-3,
+    )
+
+
+def test_learns_better_than_a_gaussian(moons):
+    from sklearn.mixture import GaussianMixture
+
+    X, X_test = moons
+    est = RealNVPDensity(**{**FAST, "max_iter": 60}).fit(X)
+    gauss = GaussianMixture(1).fit(X)
+    assert est.score(X_test) > gauss.score(X_test) + 0.3
+
+
+def test_score_is_mean_of_score_samples(fitted, moons):
+    assert fitted.score(moons[1]) == pytest.approx(fitted.score_samples(moons[1]).mean())
+
+
+def test_same_seed_same_scores_and_global_torch_rng_untouched(moons):
+    state = torch.get_rng_state()
+    a = RealNVPDensity(**FAST, mask="random").fit(moons[0])
+    a.sample(10, random_state=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = RealNVPDensity(**FAST, mask="random").fit(moons[0])
+    np.testing.assert_array_equal(a.score_samples(moons[1]), b.score_samples(moons[1]))
+    c = RealNVPDensity(**{**FAST, "random_state": 1}, mask="random").fit(moons[0])
+    assert not np.allclose(a.score_samples(moons[1]), c.score_samples(moons[1]))
+
+
+def test_sample_reproducible_and_shaped(fitted):
+    a = fitted.sample(50, random_state=3)
+    assert a.shape == (50, 2) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, fitted.sample(50, random_state=3))
+    assert not np.allclose(a, fitted.sample(50, random_state=4))
+    assert fitted.sample(0).shape == (0, 2)
+    cold = fitted.sample(2000, random_state=0, temperature=0.5)
+    warm = fitted.sample(2000, random_state=0)
+    assert np.linalg.norm(cold - cold.mean(0), axis=1).mean() < np.linalg.norm(
+        warm - warm.mean(0), axis=1
+    ).mean()
+
+
+def test_transform_inverse_transform_roundtrip(fitted, moons):
+    Z = fitted.transform(moons[1])
+    np.testing.assert_allclose(fitted.inverse_transform(Z), moons[1], atol=1e-10)
+    # The latent codes of training data are roughly standard normal.
+    Z_train = fitted.transform(moons[0])
+    assert np.abs(Z_train.mean(0)).max() < 0.3
+    assert np.abs(Z_train.std(0) - 1).max() < 0.3
+    assert fitted.fit_transform(moons[0]).shape == moons[0].shape
+
+
+def test_batched_inference_equals_one_shot(fitted, moons, monkeypatch):
+    full = fitted.score_samples(moons[1])
+    latent = fitted.transform(moons[1])
+    monkeypatch.setattr(density_module, "_INFERENCE_ROWS", 7)
+    np.testing.assert_array_equal(fitted.score_samples(moons[1]), full)
+    np.testing.assert_array_equal(fitted.transform(moons[1]), latent)
+
+
+@pytest.mark.parametrize("n_features", [1, 3, 5])
+def test_one_and_odd_feature_counts(rng, n_features):
+    X = rng.standard_gamma(2.0, size=(300, n_features))
+    est = RealNVPDensity(**FAST).fit(X)
+    scores = est.score_samples(X)
+    assert scores.shape == (300,) and np.isfinite(scores).all()
+    np.testing.assert_allclose(est.inverse_transform(est.transform(X)), X, atol=1e-9)
+
+
+def test_one_feature_density_is_a_normalised_gaussian(rng):
+    # With one feature a coupling has nothing to condition on: it is an element-wise affine
+    # map, so the model is a Gaussian (documented). It still integrates to one.
+    X = rng.normal(3.0, 2.0, size=(500, 1))
+    est = RealNVPDensity(**FAST).fit(X)
+    grid = np.linspace(-20, 26, 4001)[:, None]
+    assert np.exp(est.score_samples(grid)).sum() * (grid[1, 0] - grid[0, 0]) == pytest.approx(
+        1.0, abs=1e-3
+    )
+
+
+def test_early_stopping_keeps_best_weights(moons):
+    est = RealNVPDensity(**{**FAST, "max_iter": 30, "n_iter_no_change": 3}).fit(moons[0])
+    assert est.best_validation_score_ == pytest.approx(max(est.validation_scores_))
+    assert len(est.validation_scores_) == est.n_iter_ == len(est.loss_curve_)
+
+
+def test_no_early_stopping_records_no_validation(moons):
+    est = RealNVPDensity(**FAST, early_stopping=False).fit(moons[0])
+    assert est.validation_scores_ == [] and est.best_validation_score_ is None
+    assert est.n_iter_ == len(est.loss_curve_)
+
+
+def test_warm_start_continues(moons):
+    est = RealNVPDensity(**{**FAST, "max_iter": 5}, warm_start=True, early_stopping=False)
+    est.fit(moons[0])
+    first = est.score(moons[1])
+    est.fit(moons[0])
+    assert est.n_iter_ == 10 and len(est.loss_curve_) == 10
+    assert est.score(moons[1]) > first
+
+
+def test_sample_weight_zero_rows_are_ignored_by_the_loss(moons):
+    # Rows with weight 0 do not move the fit: appending far-away junk with weight 0 gives the
+    # same model as not appending it, when the split and batches cannot differ.
+    X = moons[0]
+    junk = np.full((1, 2), 50.0)
+    weights = np.r_[np.ones(len(X)), 0.0]
+    params = dict(**FAST, early_stopping=False, batch_size=len(X) + 1)
+    a = RealNVPDensity(**params).fit(np.r_[X, junk], sample_weight=weights)
+    b = RealNVPDensity(**params).fit(np.r_[X, junk], sample_weight=weights * 3)
+    np.testing.assert_allclose(a.score_samples(X), b.score_samples(X), atol=1e-4)
+    assert a.score_samples(junk)[0] < a.score_samples(X).min()
+
+
+def test_explicit_mask_array(moons):
+    mask = np.array([[1, 0], [0, 1], [1, 0]])
+    est = RealNVPDensity(**{**FAST, "n_couplings": 3}, mask=mask).fit(moons[0])
+    assert np.isfinite(est.score(moons[1]))
+    with pytest.raises(ValueError, match=re.escape("Expected mask of shape")):
+        RealNVPDensity(**FAST, mask=mask).fit(moons[0])
+    with pytest.raises(ValueError, match="never transforms feature"):
+        RealNVPDensity(**{**FAST, "n_couplings": 2}, mask=[[1, 0], [1, 0]]).fit(moons[0])
+
+
+def test_fixed_mask_warns_and_cannot_learn_the_kept_feature(moons):
+    # Feature 0 is never transformed with mask='fixed': its marginal stays Gaussian, so the
+    # model is worse than the alternating one (the study's observation).
+    with pytest.warns(UserWarning, match="never transformed"):
+        fixed = RealNVPDensity(**{**FAST, "max_iter": 40}, mask="fixed").fit(moons[0])
+    alt = RealNVPDensity(**{**FAST, "max_iter": 40}).fit(moons[0])
+    assert alt.score(moons[1]) > fixed.score(moons[1]) + 0.2
+
+
+def test_divergence_keeps_finite_weights_and_warns(moons):
+    with pytest.warns(ConvergenceWarning):
+        est = RealNVPDensity(**{**FAST, "learning_rate_init": 1e6}, early_stopping=False)
+        est.fit(moons[0])
+    assert all(torch.isfinite(p).all() for p in est.module_.parameters())
+    assert np.isfinite(est.score_samples(moons[1])).all()
+
+
+def test_pickle_and_joblib_roundtrip(fitted, moons, tmp_path):
+    expected = fitted.score_samples(moons[1])
+    again = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(again.score_samples(moons[1]), expected)
+    joblib.dump(fitted, tmp_path / "model.joblib")
+    loaded = joblib.load(tmp_path / "model.joblib")
+    np.testing.assert_array_equal(loaded.score_samples(moons[1]), expected)
+    assert loaded.device_ == torch.device("cpu")
+
+
+def test_clone_pipeline_and_cross_val_score(moons):
+    est = RealNVPDensity(**FAST)
+    assert clone(est).get_params() == est.get_params()
+    pipe = make_pipeline(FunctionTransformer(), est).fit(moons[0])
+    np.testing.assert_allclose(
+        pipe.score_samples(moons[1]), RealNVPDensity(**FAST).fit(moons[0]).score_samples(moons[1])
+    )
+    scores = cross_val_score(RealNVPDensity(**FAST), moons[0], cv=3)
+    assert scores.shape == (3,) and np.isfinite(scores).all()
+
+
+def test_grid_search_over_architecture(moons):
+    grid = {
+        "n_couplings": [1, 4],
+        "hidden_layer_sizes": [(8,), (16, 16)],
+        "activation": ["relu", "tanh"],
+        "mask": ["alternating", "fixed"],
+    }
+    base = RealNVPDensity(max_iter=8, random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        search = GridSearchCV(base, grid, cv=2, n_jobs=2).fit(moons[0])
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+    assert search.best_params_["mask"] == "alternating"
+    assert search.best_params_["n_couplings"] == 4
+
+
+def test_feature_names_from_dataframe(moons):
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(moons[0], columns=["a", "b"])
+    est = RealNVPDensity(**FAST).fit(df)
+    np.testing.assert_array_equal(est.feature_names_in_, ["a", "b"])
+    np.testing.assert_array_equal(est.get_feature_names_out(), ["realnvpdensity0", "realnvpdensity1"])
+    with pytest.raises(ValueError, match="feature names should match"):
+        est.score_samples(pd.DataFrame(moons[1], columns=["b", "a"]))
+
+
+def test_bad_input_errors_and_model_unchanged(fitted, moons):
+    before = fitted.score_samples(moons[1])
+    state = {k: v.clone() for k, v in fitted.module_.state_dict().items()}
+    bad = moons[1].copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fitted.score_samples(bad)
+    with pytest.raises(ValueError, match="X has 3 features"):
+        fitted.score_samples(np.ones((4, 3)))
+    with pytest.raises(ValueError, match="Expected 2D array"):
+        fitted.score_samples(np.ones(4))
+    with pytest.raises(ValueError, match="NaN"):
+        fitted.fit(bad)
+    with pytest.raises(ValueError):
+        fitted.set_params(n_couplings=-1).fit(moons[0])
+    fitted.set_params(n_couplings=FAST["n_couplings"])
+    np.testing.assert_array_equal(fitted.score_samples(moons[1]), before)
+    for k, v in fitted.module_.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_unavailable_device_is_a_clear_error(moons):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match="not available"):
+        RealNVPDensity(**{**FAST, "device": "cuda"}).fit(moons[0])
+
+
+def test_partial_fit_continues_training(moons):
+    est = RealNVPDensity(**FAST)
+    for _ in range(3):
+        for chunk in np.array_split(moons[0], 4):
+            est.partial_fit(chunk)
+    assert est.n_iter_ == 12 and np.isfinite(est.score(moons[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fit_scores_match_cpu_after_pickle(moons):
+    est = RealNVPDensity(**FAST, dtype="float64").set_params(device="cuda").fit(moons[0])
+    assert est.device_.type == "cuda"
+    expected = est.score_samples(moons[1])
+    loaded = pickle.loads(pickle.dumps(est))
+    np.testing.assert_allclose(loaded.score_samples(moons[1]), expected, atol=1e-10)
