@@ -148,7 +148,7 @@ class RealNVPDensity(
     ----------
     n_couplings : int, default=8
         Number of affine coupling layers.
-    hidden_layer_sizes : tuple of int, default=(64, 64)
+    hidden_layer_sizes : tuple of int, default=(128, 128)
         Hidden widths of each coupling's conditioner network, which outputs the log-scale and
         the shift together; the tuple's length is its depth.
     activation : {"relu", "leaky_relu", "tanh", "elu", "gelu", "silu"}, default="relu"
@@ -277,7 +277,7 @@ class RealNVPDensity(
         self,
         *,
         n_couplings=8,
-        hidden_layer_sizes=(64, 64),
+        hidden_layer_sizes=(128, 128),
         activation="relu",
         mask="alternating",
         batch_norm=False,
