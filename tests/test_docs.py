@@ -27,6 +27,7 @@ EXAMPLES = ROOT / "examples"
 PUBLIC_MODULES = [
     "sknvp",
     "sknvp.datasets",
+    "sknvp.study",
     "sknvp.masks",
     "sknvp.nets",
     "sknvp.transforms",
