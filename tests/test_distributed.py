@@ -85,8 +85,12 @@ def dask_client():
         reason="dask.distributed is not installed (pip install 'sknvp[distributed]')",
     )
     cluster = distributed.LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
-        dashboard_address=None, silence_logs=logging.ERROR,
+        n_workers=2,
+        processes=True,
+        threads_per_worker=1,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
     )
     client = distributed.Client(cluster, timeout="60s")
     try:
@@ -128,8 +132,12 @@ def test_seeded_fits_in_threads_are_reproducible(X):
     # 16 seeded one-epoch fits, four at a time in threads, must equal the same fits run serially.
     def fit(seed):
         est = RealNVPDensity(
-            n_couplings=8, hidden_layer_sizes=(32, 32), max_iter=1, batch_size=100,
-            early_stopping=False, random_state=seed,
+            n_couplings=8,
+            hidden_layer_sizes=(32, 32),
+            max_iter=1,
+            batch_size=100,
+            early_stopping=False,
+            random_state=seed,
         )
         return est.fit(X[:100]).score_samples(X)
 

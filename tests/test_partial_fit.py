@@ -16,7 +16,12 @@ from scipy.stats import norm
 from sknvp import RealNVPDensity
 from sknvp.transforms import Standardize
 
-TINY = dict(n_couplings=4, hidden_layer_sizes=(16, 16), batch_size=100, learning_rate_init=5e-3)
+TINY = {
+    "n_couplings": 4,
+    "hidden_layer_sizes": (16, 16),
+    "batch_size": 100,
+    "learning_rate_init": 5e-3,
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -105,7 +110,7 @@ def test_partial_fit_chunks_reach_fit_log_likelihood(stream):
 
 def test_partial_fit_then_inference(stream):
     # After a single partial_fit the estimator is fitted: every inference method works.
-    X, chunks, X_test = stream
+    _, chunks, X_test = stream
     est = RealNVPDensity(random_state=0, **TINY).partial_fit(chunks[0])
     log_density = est.score_samples(X_test)
     assert log_density.shape == (len(X_test),) and np.isfinite(log_density).all()
@@ -180,7 +185,7 @@ def test_partial_fit_pickle_between_calls_is_seamless(stream):
 
 def test_partial_fit_continues_after_fit(stream):
     # fit on a sample, then stream more chunks (as MLPClassifier allows).
-    X, chunks, X_test = stream
+    _, chunks, X_test = stream
     est = RealNVPDensity(max_iter=2, early_stopping=False, random_state=0, **TINY)
     with pytest.warns(Warning):
         est.fit(chunks[0])
