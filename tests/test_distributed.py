@@ -114,18 +114,10 @@ def test_grid_search_on_dask_cluster_matches_serial(dask_client, X, serial_searc
 
 @pytest.mark.parametrize("backend", ["loky", "threading"])
 def test_grid_search_local_backends(backend, X, serial_search):
-    # n_jobs=2 works on worker processes (loky) and on threads. Loky must reproduce the serial
-    # search exactly; threads share torch's global RNG (see the xfail below), so for them only
-    # the search's shape and sanity are checked here.
+    # n_jobs=2 on worker processes (loky) or on threads reproduces the serial search exactly.
     search = _fit_under(backend, _search(n_jobs=2), X)
-    assert search.cv_results_["params"] == serial_search.cv_results_["params"]
     assert np.isfinite(search.cv_results_["mean_test_score"]).all()
-    assert search.best_params_ in GRID_PRODUCT
-    if backend == "loky":
-        _assert_same_search(search, serial_search)
-
-
-GRID_PRODUCT = [{"mask": m, "n_couplings": k} for k in GRID["n_couplings"] for m in GRID["mask"]]
+    _assert_same_search(search, serial_search)
 
 
 def test_seeded_fits_in_threads_are_reproducible(X):

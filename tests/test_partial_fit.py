@@ -66,15 +66,6 @@ def _same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _copy(est):
-    """Deep copy that undoes the side effect of ``__getstate__`` on the original's ``device_``
-    (see ``test_pickling_leaves_the_estimator_unchanged``)."""
-    device = est.device_
-    twin = copy.deepcopy(est)
-    est.device_ = device
-    return twin
-
-
 def _diagonal_gaussian_score(X, X_test):
     """Held-out log-likelihood of the untrained flow (a diagonal Gaussian fitted to ``X``)."""
     return float(norm.logpdf(X_test, X.mean(0), X.std(0)).sum(1).mean())
@@ -149,7 +140,7 @@ def test_partial_fit_keeps_optimizer_state(stream):
     # first call) lands elsewhere. Uses the private ``_optimizer_state`` attribute.
     _, chunks, _ = stream
     est = RealNVPDensity(random_state=0, **TINY).partial_fit(chunks[0])
-    control, fresh = _copy(est), _copy(est)
+    control, fresh = copy.deepcopy(est), copy.deepcopy(est)
     fresh._optimizer_state = None
     for e in (est, control, fresh):
         e.partial_fit(chunks[1])
