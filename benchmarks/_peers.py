@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["PEERS", "PeerFlow", "peer_versions", "missing_peer_message"]
+__all__ = ["PEERS", "PeerFlow", "missing_peer_message", "peer_versions"]
 
 PEERS = ("nflows", "normflows", "zuko")
 
@@ -127,8 +127,16 @@ class PeerFlow:
     """
 
     def __init__(
-        self, library, *, n_couplings=8, hidden_layer_sizes=(64, 64), max_iter=40,
-        batch_size=512, learning_rate_init=1e-3, random_state=0, loader="dataloader",
+        self,
+        library,
+        *,
+        n_couplings=8,
+        hidden_layer_sizes=(64, 64),
+        max_iter=40,
+        batch_size=512,
+        learning_rate_init=1e-3,
+        random_state=0,
+        loader="dataloader",
     ):
         self.library = library
         self.n_couplings = n_couplings
@@ -147,7 +155,7 @@ class PeerFlow:
             )
             return (xb for (xb,) in loader)
         perm = torch.randperm(len(x), generator=generator)
-        return (x[perm[i:i + self.batch_size]] for i in range(0, len(x), self.batch_size))
+        return (x[perm[i : i + self.batch_size]] for i in range(0, len(x), self.batch_size))
 
     def fit(self, X: np.ndarray) -> PeerFlow:
         self.loc_ = X.mean(0)
@@ -184,7 +192,7 @@ class PeerFlow:
         out = np.empty(len(X))
         with torch.no_grad():
             for i in range(0, len(X), batch_rows):
-                out[i:i + batch_rows] = self._log_prob(x[i:i + batch_rows]).double().numpy()
+                out[i : i + batch_rows] = self._log_prob(x[i : i + batch_rows]).double().numpy()
         return out - np.log(self.scale_).sum()
 
     def sample(self, n_samples: int, random_state: int = 0) -> np.ndarray:

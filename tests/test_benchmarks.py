@@ -30,7 +30,9 @@ def quick_run(tmp_path_factory):
     bench = _load_script()
     out = tmp_path_factory.mktemp("bench")
     doc = out / "benchmarks.md"
-    doc.write_text(f"# Benchmarks\n\nIntro kept.\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nTail kept.\n")
+    doc.write_text(
+        f"# Benchmarks\n\nIntro kept.\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nTail kept.\n"
+    )
     results = bench.main(["--quick", "--out", str(out), "--doc", str(doc), "--threads", "1"])
     return bench, results, out, doc
 
@@ -56,8 +58,13 @@ def test_quick_run_numbers_are_finite(quick_run):
             assert "error" not in methods[name], methods[name]
         for name, cell in methods.items():
             assert "error" not in cell, (name, cell)
-            for key in ("loglik", "fit_wall_s", "fit_cpu_s", "score_rows_per_s",
-                        "sample_rows_per_s"):
+            for key in (
+                "loglik",
+                "fit_wall_s",
+                "fit_cpu_s",
+                "score_rows_per_s",
+                "sample_rows_per_s",
+            ):
                 assert math.isfinite(cell[key]) and (key == "loglik" or cell[key] > 0), (name, key)
     ceiling = results["sets"]["moons"]["ceiling"]
     assert -0.4 < ceiling < -0.2  # true density of two moons (noise 0.05) scores about -0.29
@@ -72,3 +79,34 @@ def test_doc_block_created_when_markers_absent(tmp_path):
     bench.write_block(doc, "second")
     text = doc.read_text()
     assert text.startswith("# Title") and "second" in text and "first" not in text
+
+
+def test_merge_reruns_one_method_and_keeps_the_rest(quick_run):
+    # --merge with one method replaces that cell only and logs the rerun in the doc block.
+    bench, _, out, doc = quick_run
+    before = json.loads((out / "results.json").read_text())
+    bench.main(
+        [
+            "--quick",
+            "--out",
+            str(out),
+            "--doc",
+            str(doc),
+            "--threads",
+            "1",
+            "--merge",
+            "--sets",
+            "moons",
+            "--methods",
+            bench.GMM,
+        ]
+    )
+    after = json.loads((out / "results.json").read_text())
+    assert after["sets"].keys() == before["sets"].keys()
+    moons_before, moons_after = before["sets"]["moons"], after["sets"]["moons"]
+    assert moons_after["methods"].keys() == moons_before["methods"].keys()
+    for name in moons_before["methods"]:
+        if name != bench.GMM:
+            assert moons_after["methods"][name] == moons_before["methods"][name]
+    assert after["merged_runs"][-1]["cells"] == [f"{bench.GMM} on {moons_after['label']}"]
+    assert "Rerun with `--merge`" in doc.read_text()
