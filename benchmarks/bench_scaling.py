@@ -21,6 +21,7 @@ Usage::
     python benchmarks/bench_scaling.py            # everything (about half an hour on 2 cores)
     python benchmarks/bench_scaling.py --quick    # about a minute: checks the script works
     python benchmarks/bench_scaling.py --threads 1 --sweeps features
+    python benchmarks/bench_scaling.py --example-figure   # the out-of-core example's figure
 
 Results go to ``--out`` (``scaling.csv``, ``scaling_rows.png``, ``scaling_features.png``)
 and the generated block of ``--doc`` (``docs/scale_out.md``) is rewritten in place. With
@@ -264,12 +265,15 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         ("partial_fit", "C1", "s--", "partial_fit (memmap on disk, chunks)"),
     )
     paths = []
-    for sweep, key, xlabel in (
-        ("rows", "n_rows", "rows (2 features)"),
-        ("features", "n_features", "features (rows fixed)"),
-    ):
-        if not any(r["sweep"] == sweep for r in rows):
+    for sweep, key in (("rows", "n_rows"), ("features", "n_features")):
+        sel = [r for r in rows if r["sweep"] == sweep]
+        if not sel:
             continue
+        xlabel = (
+            f"rows ({sel[0]['n_features']} features)"
+            if sweep == "rows"
+            else f"features ({sel[0]['n_rows']:,} rows)"
+        )
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
         for method, color, style, label in styles:
             s = _series(rows, sweep, method)
@@ -287,7 +291,6 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
                 label=f"{label}, CPU",
             )
             ax_m.plot(x, [r["added_mb"] for r in s], style, color=color, label=label)
-        sel = [r for r in rows if r["sweep"] == sweep]
         xs = np.array(sorted({r[key] for r in sel}), float)
         per_x = {r[key]: r["data_mb"] for r in sel}
         ax_m.plot(
@@ -384,6 +387,21 @@ def read_csv(path: Path) -> list[dict]:
     ]
 
 
+def example_figure(path: Path, threads: int | None) -> None:
+    """Run the out-of-core gallery example in a fresh process and keep its figure."""
+    code = (
+        "import runpy, sys, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt; "
+        "plt.show = lambda: plt.gcf().savefig(sys.argv[1], dpi=110); "
+        "runpy.run_path(sys.argv[2], run_name='__main__')"
+    )
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    example = ROOT / "examples" / "plot_out_of_core.py"
+    subprocess.run([sys.executable, "-c", code, str(path), str(example)], env=env, check=True)
+    print(f"figure in {path}")
+
+
 # ===================================================================================== main
 
 
@@ -396,6 +414,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", type=Path, default=None, help="default docs/figures/scaling")
     p.add_argument("--doc", default=None, help="markdown file to update, or 'none'")
     p.add_argument("--report-only", action="store_true", help="redraw from an existing CSV")
+    p.add_argument(
+        "--example-figure",
+        action="store_true",
+        help="run examples/plot_out_of_core.py and save its figure as out_of_core_rss.png",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -408,6 +431,9 @@ def main(argv=None) -> list[dict]:
     doc = None if doc_arg == "none" else Path(doc_arg)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "scaling.csv"
+    if args.example_figure:
+        example_figure(out_dir / "out_of_core_rss.png", args.threads)
+        return []
     if args.report_only:
         rows = read_csv(csv_path)
         report(rows, out_dir, doc)
