@@ -263,20 +263,16 @@ def digits_figure(image, X_test, curve, rows, path: Path, seed: int = 0) -> None
     ax.plot(epochs, curve["train_bits_per_dim"], label="training (noisy batches)")
     if curve["validation_bits_per_dim"]:
         ax.plot(epochs, curve["validation_bits_per_dim"], label="validation")
-    for row, style in zip(rows[1:3], (":", "--"), strict=True):
-        ax.axhline(
-            row["bits_per_dim"],
-            color="grey",
-            ls=style,
-            label=f"{row['method'].split(' (')[0]} (test)",
-        )
+    for row, style in zip(rows[1:3] + rows[4:5], (":", "--", "-."), strict=True):
+        label = row["method"].split(" (")[0].replace(", logit pixels", " (logit)")
+        ax.axhline(row["bits_per_dim"], color="grey", ls=style, label=f"{label}, test")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("bits / dim")
     ax.set_title("multi-scale Real NVP training")
     top = max(rows[1]["bits_per_dim"], rows[2]["bits_per_dim"]) + 0.4
     ax.set_ylim(min(curve["train_bits_per_dim"]) - 0.1, top)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -280,3 +280,23 @@ def test_inference_is_float64_on_cpu_and_batch_invariant(fitted, digits):
     X = digits[:6] + 0.5
     one_by_one = np.concatenate([fitted.score_samples(X[i : i + 1]) for i in range(6)])
     np.testing.assert_allclose(one_by_one, fitted.score_samples(X), rtol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["digits", "throughput"])
+def test_bench_images_quick_runs(mode, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_images.py"
+    spec = importlib.util.spec_from_file_location("bench_images", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--mode", mode, "--out", str(tmp_path), "--doc", "none"]) == 0
+    produced = {p.name for p in tmp_path.iterdir()}
+    expected = (
+        {"results.json", "results.md", "digits.png"}
+        if mode == "digits"
+        else {"throughput.json", "throughput.md"}
+    )
+    assert expected <= produced
