@@ -25,7 +25,7 @@ sys.path.insert(0, str(DOCS))  # makes `conf.GalleryOrder` importable for sphinx
 
 project = "sknvp"
 author = "sknvp developers"
-copyright = "sknvp developers, BSD-3-Clause"  # noqa: A001 - Sphinx's name
+copyright = "sknvp developers, BSD-3-Clause"
 release = sknvp.__version__
 version = ".".join(release.split(".")[:2])
 
@@ -61,7 +61,8 @@ exclude_patterns = [
     "auto_examples/*.py",
     "auto_examples/*.zip",
     "auto_examples/*.json",
-    "**/README.md",  # folder notes (e.g. figures/) are not pages
+    "**/README.md",  # folder notes are not pages
+    "figures/**",  # figures and the tables generated next to them are assets, not pages
 ]
 default_role = "literal"
 toc_object_entries_show_parents = "hide"  # "fit()" rather than "RealNVPDensity.fit()" in page TOCs
@@ -89,7 +90,7 @@ myst_heading_anchors = 3
 class GalleryOrder:
     """Gallery order: a reader's path from first contact to the long study, then the rest."""
 
-    FIRST = [
+    FIRST = (
         "plot_two_moons.py",
         "plot_grid_search.py",
         "plot_novelty_detection.py",
@@ -98,7 +99,7 @@ class GalleryOrder:
         "plot_digits.py",
         "plot_out_of_core.py",
         "plot_study_overview.py",
-    ]
+    )
 
     def __init__(self, src_dir):
         self.src_dir = src_dir
@@ -160,7 +161,7 @@ html_show_sourcelink = False
 html_theme_options = {
     "logo": {"text": "sknvp"},
     "navbar_align": "left",
-    "header_links_before_dropdown": 6,
+    "header_links_before_dropdown": 4,
     "show_toc_level": 2,
     "navigation_with_keys": False,
     "secondary_sidebar_items": ["page-toc", "sg_download_links", "sg_launcher_links"],

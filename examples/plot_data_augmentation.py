@@ -47,9 +47,9 @@ from sknvp import RealNVPDensity
 FAST = os.environ.get("SKNVP_DOCS_FAST") == "1"
 # sphinx_gallery_start_ignore
 # The reduced mode stops training before convergence on purpose: keep its page quiet.
-import warnings  # noqa: E402
+import warnings
 
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning
 
 if FAST:
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
@@ -104,8 +104,8 @@ for seed in SEEDS:
     for clf_name, make_clf in classifiers.items():
         for data_name, (X, y) in train_sets.items():
             accuracy = make_clf().fit(X, y).score(X_test, y_test)
-            rows.append(dict(seed=seed, classifier=clf_name, training=data_name,
-                             accuracy=accuracy))
+            rows.append({"seed": seed, "classifier": clf_name, "training": data_name,
+                         "accuracy": accuracy})
 results = pd.DataFrame(rows)
 
 summary = results.pivot_table(index="classifier", columns="training", values="accuracy",
@@ -117,7 +117,7 @@ print(summary.round(3).to_string())
 real = results[results.training == "real only"].set_index(["seed", "classifier"]).accuracy
 gains = results[results.training != "real only"].copy()
 gains["gain"] = gains.accuracy.values - real.loc[
-    list(zip(gains.seed, gains.classifier))].values
+    list(zip(gains.seed, gains.classifier, strict=True))].values
 print(gains.pivot_table(index="classifier", columns="training", values="gain",
                         aggfunc=["mean", "min", "max"], sort=False).round(3).to_string())
 
@@ -153,8 +153,8 @@ X_aug, y_aug = train_sets["+ flow x10"]
 xx, yy = np.meshgrid(np.linspace(-2, 3, 250), np.linspace(-1.6, 2.1, 200))
 grid = np.column_stack([xx.ravel(), yy.ravel()])
 fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, layout="constrained")
-for ax, (title, (X, y)) in zip(axes, [("real rows only", (X_all, y_all)),
-                                      ("real + 10x flow samples", (X_aug, y_aug))]):
+panels = [("real rows only", (X_all, y_all)), ("real + 10x flow samples", (X_aug, y_aug))]
+for ax, (title, (X, y)) in zip(axes, panels, strict=True):
     clf = KNeighborsClassifier(n_neighbors=1).fit(X, y)
     ax.contourf(xx, yy, clf.predict(grid).reshape(xx.shape), levels=[-0.5, 0.5, 1.5],
                 colors=["#c6dbef", "#fdd0a2"])

@@ -38,9 +38,9 @@ from sknvp.datasets import make_moons
 FAST = os.environ.get("SKNVP_DOCS_FAST") == "1"
 # sphinx_gallery_start_ignore
 # The reduced mode stops training before convergence on purpose: keep its page quiet.
-import warnings  # noqa: E402
+import warnings
 
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning
 
 if FAST:
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
@@ -93,7 +93,7 @@ def candidate(**params):
 
 
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.4), sharey=True, layout="constrained")
-for ax, (name, values) in zip(axes, factors.items()):
+for ax, (name, values) in zip(axes, factors.items(), strict=True):
     rows = [candidate(**{name: value}) for value in values]
     means = [row["mean_test_score"] for row in rows]
     stds = [row["std_test_score"] for row in rows]

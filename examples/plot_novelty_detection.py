@@ -42,9 +42,9 @@ from sknvp.datasets import make_circles, make_moons, true_log_density
 FAST = os.environ.get("SKNVP_DOCS_FAST") == "1"
 # sphinx_gallery_start_ignore
 # The reduced mode stops training before convergence on purpose: keep its page quiet.
-import warnings  # noqa: E402
+import warnings
 
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning
 
 if FAST:
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
@@ -104,11 +104,11 @@ print(table.to_string())
 # boundary that flags 5 % of the *training* points, the usual way to set a novelty
 # threshold. Black dots are training points, crosses are test novelties.
 fig, axes = plt.subplots(2, 3, figsize=(12, 7.4), layout="constrained")
-for row, (name, (make, xlim, ylim)) in enumerate(datasets.items()):
+for row, (name, (_, xlim, ylim)) in enumerate(datasets.items()):
     X_train, X_test, y_test = data[name]
     xx, yy = np.meshgrid(np.linspace(*xlim, 200), np.linspace(*ylim, 200))
     grid = np.column_stack([xx.ravel(), yy.ravel()])
-    for ax, (method, est) in zip(axes[row], fitted[name].items()):
+    for ax, (method, est) in zip(axes[row], fitted[name].items(), strict=True):
         score = est.score_samples(grid).reshape(xx.shape)
         train_scores = est.score_samples(X_train)
         threshold = np.percentile(train_scores, 5)
@@ -136,9 +136,9 @@ plt.show()
 # * :class:`~sklearn.ensemble.IsolationForest` isolates points by axis-aligned splits; the
 #   centre of the circles is not easier to isolate than the ring, so it is scored as normal.
 # * :class:`~sklearn.neighbors.LocalOutlierFactor` compares local densities of neighbours. On
-#   these small two-dimensional sets it is the best of the three, close to the ceiling, at
-#   the cost of keeping the whole training set and a neighbour search per query; its score
-#   has no units. The flow's score is a log-density in the units of ``X``, so a threshold on
+#   these small two-dimensional sets it is at least as good as the flow, close to the
+#   ceiling, at the cost of keeping the whole training set and a neighbour search per
+#   query; its score has no units. The flow's score is a log-density in the units of ``X``, so a threshold on
 #   it means the same thing for any model of the same data.
 #
 # The AUC ceiling is below 1 because some uniform novelties land on the data. See

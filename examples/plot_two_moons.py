@@ -39,9 +39,9 @@ from sknvp.datasets import make_moons, true_log_density, true_mean_log_likelihoo
 FAST = os.environ.get("SKNVP_DOCS_FAST") == "1"
 # sphinx_gallery_start_ignore
 # The reduced mode stops training before convergence on purpose: keep its page quiet.
-import warnings  # noqa: E402
+import warnings
 
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning
 
 if FAST:
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
@@ -98,7 +98,7 @@ panels = [
     (p_true, "true density"),
     (p_flow, "RealNVPDensity: exp(score_samples)"),
 ]
-for ax, (p, title) in zip(axes, panels):
+for ax, (p, title) in zip(axes[:2], panels, strict=True):
     mesh = ax.pcolormesh(xx, yy, p, cmap="magma", vmin=0, vmax=vmax, shading="auto")
     ax.set_title(title)
 axes[2].scatter(X_train[:, 0], X_train[:, 1], s=4, c="0.6", label="training data")

@@ -35,8 +35,8 @@ PUBLIC_MODULES = [
     "sknvp.multiscale",
 ]
 NOT_DOCUMENTED = {"__version__"}
-TINY = dict(n_couplings=2, hidden_layer_sizes=(8,), max_iter=3, early_stopping=False,
-            random_state=0, device="cpu")
+TINY = {"n_couplings": 2, "hidden_layer_sizes": (8,), "max_iter": 3, "early_stopping": False,
+            "random_state": 0, "device": "cpu"}
 
 
 def _api_entries():
