@@ -21,13 +21,29 @@ from sknvp import RealNVPDensity
 
 DOCUMENTED = (ValueError, TypeError)
 N_FEATURES = 3
-NUMERIC = [np.float64, np.float32, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_,
-           np.complex128]
+NUMERIC = [
+    np.float64,
+    np.float32,
+    np.float16,
+    np.int64,
+    np.int32,
+    np.int8,
+    np.uint8,
+    np.bool_,
+    np.complex128,
+]
 # SKNVP_FUZZ_EXAMPLES=500 runs a deeper, randomised search (CI: 30 fixed examples per test).
 _DEEP = int(os.environ.get("SKNVP_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(deadline=None, max_examples=_DEEP or 30, derandomize=not _DEEP,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    deadline=None,
+    max_examples=_DEEP or 30,
+    derandomize=not _DEEP,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +64,13 @@ def _elements(dtype):
     kind = np.dtype(dtype).kind
     if kind == "f":
         width = 8 * np.dtype(dtype).itemsize
-        return st.one_of(full, st.floats(-10, 10, width=width),
-                         st.sampled_from([1e-300, -1e-300, 1e300, -1e300, 5e-324, 1.7e308]
-                                         if width == 64 else [0.0, 1.0]))
+        return st.one_of(
+            full,
+            st.floats(-10, 10, width=width),
+            st.sampled_from(
+                [1e-300, -1e-300, 1e300, -1e300, 5e-324, 1.7e308] if width == 64 else [0.0, 1.0]
+            ),
+        )
     return full
 
 
@@ -73,17 +93,30 @@ def arrays(draw, n_features=None, table=False):
 
 
 def _finite_state(est):
-    return all(bool(torch.isfinite(t).all()) for t in est.module_.state_dict().values()
-               if t.is_floating_point())
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in est.module_.state_dict().values()
+        if t.is_floating_point()
+    )
 
 
 @FUZZ
-@given(X=st.one_of(arrays(), arrays(table=True)), dtype=st.sampled_from(["float32", "float64"]),
-       early_stopping=st.booleans())
+@given(
+    X=st.one_of(arrays(), arrays(table=True)),
+    dtype=st.sampled_from(["float32", "float64"]),
+    early_stopping=st.booleans(),
+)
 def test_fit_fuzz(X, dtype, early_stopping):
-    est = RealNVPDensity(n_couplings=2, hidden_layer_sizes=(4,), max_iter=2, batch_size=4,
-                         early_stopping=early_stopping, dtype=dtype, random_state=0,
-                         device="cpu")
+    est = RealNVPDensity(
+        n_couplings=2,
+        hidden_layer_sizes=(4,),
+        max_iter=2,
+        batch_size=4,
+        early_stopping=early_stopping,
+        dtype=dtype,
+        random_state=0,
+        device="cpu",
+    )
     try:
         est.fit(X)
     except DOCUMENTED as exc:
@@ -106,8 +139,14 @@ def fitted():
     X = np.random.RandomState(0).randn(60, N_FEATURES) * [1.0, 10.0, 0.1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return RealNVPDensity(n_couplings=2, hidden_layer_sizes=(8,), max_iter=3, batch_size=16,
-                              random_state=0, device="cpu").fit(X)
+        return RealNVPDensity(
+            n_couplings=2,
+            hidden_layer_sizes=(8,),
+            max_iter=3,
+            batch_size=16,
+            random_state=0,
+            device="cpu",
+        ).fit(X)
 
 
 @FUZZ

@@ -18,8 +18,14 @@ from sklearn.exceptions import ConvergenceWarning
 import sknvp._training as training_module
 from sknvp import RealNVPDensity
 
-TINY = dict(n_couplings=2, hidden_layer_sizes=(8,), max_iter=3, batch_size=16,
-            random_state=0, device="cpu")
+TINY = {
+    "n_couplings": 2,
+    "hidden_layer_sizes": (8,),
+    "max_iter": 3,
+    "batch_size": 16,
+    "random_state": 0,
+    "device": "cpu",
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -59,8 +65,15 @@ def assert_same_model(a, b, X):
     np.testing.assert_array_equal(a.transform(X), b.transform(X))
     np.testing.assert_array_equal(a.sample(20, random_state=3), b.sample(20, random_state=3))
     assert a.get_params() == b.get_params()
-    for name in ("n_features_in_", "n_iter_", "loss_curve_", "validation_scores_",
-                 "best_validation_score_", "converged_", "device_"):
+    for name in (
+        "n_features_in_",
+        "n_iter_",
+        "loss_curve_",
+        "validation_scores_",
+        "best_validation_score_",
+        "converged_",
+        "device_",
+    ):
         assert getattr(a, name) == getattr(b, name), name
     sa, sb = a.module_.state_dict(), b.module_.state_dict()
     assert sa.keys() == sb.keys()
@@ -68,6 +81,7 @@ def assert_same_model(a, b, X):
 
 
 # ----------------------------------------------------------------------- round trips
+
 
 def test_pickling_does_not_mutate_the_live_model(fitted, data):
     """__getstate__ must work on a copy of __dict__, not on the estimator itself."""
@@ -141,7 +155,12 @@ def test_loads_in_a_fresh_process_that_never_imported_torch(fitted, data, tmp_pa
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-c", SUBPROCESS, str(model), str(X), str(scores), str(samples)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["RealNVPDensity", "cpu"]
@@ -150,6 +169,7 @@ def test_loads_in_a_fresh_process_that_never_imported_torch(fitted, data, tmp_pa
 
 
 # -------------------------------------------------------------------- device change
+
 
 def _tensors(obj):
     if isinstance(obj, torch.Tensor):
@@ -174,7 +194,8 @@ def test_model_fitted_on_an_accelerator_pickles_to_cpu(fitted, data, device):
     assert state["device_"] == device
     assert state["module_"] is not module
     tensors = list(_tensors(state["module_"].state_dict())) + list(
-        _tensors(state["_optimizer_state"]))
+        _tensors(state["_optimizer_state"])
+    )
     assert tensors and all(t.device.type == "cpu" for t in tensors)
     assert fitted.device_ == torch.device(device) and fitted.module_ is module
     loaded = pickle.loads(pickle.dumps(fitted))
@@ -204,8 +225,10 @@ print(est.device_)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA device: fit on GPU, load on a CPU-only process")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device: fit on GPU, load on a CPU-only process",
+)
 def test_real_gpu_round_trip(data, tmp_path):
     est = RealNVPDensity(**{**TINY, "device": "cuda"}).fit(data)
     assert est.device_.type == "cuda"
@@ -220,14 +243,21 @@ def test_real_gpu_round_trip(data, tmp_path):
     model.write_bytes(blob)
     np.save(X, data)
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-c", GPU_SUBPROCESS, str(model), str(X), str(out)],
-                         capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run(
+        [sys.executable, "-c", GPU_SUBPROCESS, str(model), str(X), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "cpu"
     np.testing.assert_allclose(np.load(out), ref, rtol=1e-10, atol=1e-10)
 
 
 # -------------------------------------------------------------------- interruption
+
 
 def _interrupting_train_epoch(monkeypatch, at_epoch, at_batch=None):
     """Raise KeyboardInterrupt at the start of epoch ``at_epoch`` (0-based), or inside it just
@@ -304,8 +334,9 @@ def test_interrupted_refit_replaces_the_model_consistently(fitted, data, monkeyp
     assert np.all(np.isfinite(fitted.score_samples(other)))
 
 
-def test_keyboard_interrupt_before_training_leaves_fitted_model_untouched(fitted, data,
-                                                                          monkeypatch):
+def test_keyboard_interrupt_before_training_leaves_fitted_model_untouched(
+    fitted, data, monkeypatch
+):
     """An interrupt outside the training loop propagates, and the old model stays whole."""
     before = fitted.score_samples(data)
     module = fitted.module_

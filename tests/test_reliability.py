@@ -18,11 +18,16 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
 import sknvp._density as density_module
-import sknvp._training as training_module
 from sknvp import RealNVPDensity
 
-TINY = dict(n_couplings=2, hidden_layer_sizes=(8,), max_iter=2, batch_size=16,
-            random_state=0, device="cpu")
+TINY = {
+    "n_couplings": 2,
+    "hidden_layer_sizes": (8,),
+    "max_iter": 2,
+    "batch_size": 16,
+    "random_state": 0,
+    "device": "cpu",
+}
 N_FEATURES = 3
 
 
@@ -97,6 +102,7 @@ def assert_unchanged(before, est, X):
 
 # ----------------------------------------------------------------------------- bad data
 
+
 def _with(X, i, j, value):
     X = X.astype(float).copy()
     X[i, j] = value
@@ -111,36 +117,57 @@ BAD_DATA = [
     ("nan", lambda X: _with(X, 0, 0, np.nan), ValueError, NAN_MSG),
     ("inf", lambda X: _with(X, 1, 1, np.inf), ValueError, INF_MSG),
     ("-inf", lambda X: _with(X, 1, 1, -np.inf), ValueError, INF_MSG),
-    ("object-None", lambda X: np.array([[None, 1.0, 2.0]] * 5, dtype=object), ValueError,
-     NAN_MSG),
-    ("empty", lambda X: np.empty((0, X.shape[1])), ValueError,
-     r"Found array with 0 sample\(s\) \(shape=\(0, 3\)\) while a minimum of \d is required"),
-    ("zero-features", lambda X: np.empty((5, 0)), ValueError,
-     r"0 feature\(s\) \(shape=\(5, 0\)\) while a minimum of 1 is required"),
+    ("object-None", lambda X: np.array([[None, 1.0, 2.0]] * 5, dtype=object), ValueError, NAN_MSG),
+    (
+        "empty",
+        lambda X: np.empty((0, X.shape[1])),
+        ValueError,
+        r"Found array with 0 sample\(s\) \(shape=\(0, 3\)\) while a minimum of \d is required",
+    ),
+    (
+        "zero-features",
+        lambda X: np.empty((5, 0)),
+        ValueError,
+        r"0 feature\(s\) \(shape=\(5, 0\)\) while a minimum of 1 is required",
+    ),
     ("1-D", lambda X: X[:, 0], ValueError, "Expected 2D array, got 1D array instead"),
     ("scalar", lambda X: 3.0, ValueError, "Expected 2D array, got scalar array instead"),
-    ("3-D", lambda X: X[:30].reshape(10, 3, 3), ValueError,
-     "Found array with dim 3, while dim <= 2 is required by RealNVPDensity"),
+    (
+        "3-D",
+        lambda X: X[:30].reshape(10, 3, 3),
+        ValueError,
+        "Found array with dim 3, while dim <= 2 is required by RealNVPDensity",
+    ),
     ("sparse-csr", lambda X: sp.csr_matrix(X), TypeError, "Sparse data was passed for X"),
     ("sparse-coo", lambda X: sp.coo_array(X), TypeError, "Sparse data was passed for X"),
     ("complex", lambda X: X + 1j, ValueError, "Complex data not supported"),
-    ("strings", lambda X: np.array([["a", "b", "c"]] * 5), ValueError,
-     "could not convert string to float"),
-    ("object-strings", lambda X: np.array([["1", "x", 2.0]] * 5, dtype=object), ValueError,
-     "could not convert string to float"),
+    (
+        "strings",
+        lambda X: np.array([["a", "b", "c"]] * 5),
+        ValueError,
+        "could not convert string to float",
+    ),
+    (
+        "object-strings",
+        lambda X: np.array([["1", "x", 2.0]] * 5, dtype=object),
+        ValueError,
+        "could not convert string to float",
+    ),
 ]
 INFERENCE = ["score_samples", "score", "transform", "inverse_transform"]
 
 
-@pytest.mark.parametrize("make, exc, match", [c[1:] for c in BAD_DATA],
-                         ids=[c[0] for c in BAD_DATA])
+@pytest.mark.parametrize(
+    "make, exc, match", [c[1:] for c in BAD_DATA], ids=[c[0] for c in BAD_DATA]
+)
 def test_bad_data_rejected_by_fit_before_any_work(data, make, exc, match, no_work):
     with pytest.raises(exc, match=match):
         RealNVPDensity(**TINY).fit(make(data))
 
 
-@pytest.mark.parametrize("make, exc, match", [c[1:] for c in BAD_DATA],
-                         ids=[c[0] for c in BAD_DATA])
+@pytest.mark.parametrize(
+    "make, exc, match", [c[1:] for c in BAD_DATA], ids=[c[0] for c in BAD_DATA]
+)
 def test_bad_data_in_refit_leaves_model_untouched(fitted, data, make, exc, match, no_work):
     before = snapshot(fitted, data)
     with pytest.raises(exc, match=match):
@@ -149,8 +176,9 @@ def test_bad_data_in_refit_leaves_model_untouched(fitted, data, make, exc, match
 
 
 @pytest.mark.parametrize("method", INFERENCE)
-@pytest.mark.parametrize("make, exc, match", [c[1:] for c in BAD_DATA],
-                         ids=[c[0] for c in BAD_DATA])
+@pytest.mark.parametrize(
+    "make, exc, match", [c[1:] for c in BAD_DATA], ids=[c[0] for c in BAD_DATA]
+)
 def test_bad_data_at_inference(fitted, data, method, make, exc, match):
     before = snapshot(fitted, data)
     with pytest.raises(exc, match=match):
@@ -180,8 +208,10 @@ def test_not_fitted(method, data):
         ({"sample_weight": -np.ones(60)}, "Negative values in data passed to `sample_weight`"),
         ({"sample_weight": np.ones(5)}, re.escape("sample_weight.shape == (5,), expected (60,)")),
         ({"sample_weight": np.full(60, np.nan)}, "sample_weight contains NaN"),
-        ({"sample_weight": np.zeros(60)},
-         "Sample weights must contain at least one non-zero number|positive sum"),
+        (
+            {"sample_weight": np.zeros(60)},
+            "Sample weights must contain at least one non-zero number|positive sum",
+        ),
     ],
     ids=["negative", "wrong-shape", "nan", "all-zero"],
 )
@@ -209,6 +239,7 @@ def test_warm_start_refit_with_other_n_features(fitted, data, no_work):
 
 
 # ------------------------------------------------------------- accepted, converted dtypes
+
 
 @pytest.mark.parametrize(
     "convert",
@@ -245,20 +276,26 @@ def test_bool_data_is_converted(fitted, data):
 
 # ------------------------------------------------------------------- DataFrame names
 
+
 @pytest.fixture
 def fitted_df(data):
     return RealNVPDensity(**TINY).fit(pd.DataFrame(data, columns=["a", "b", "c"]))
 
 
 def test_dataframe_fitted_scored_with_ndarray_warns(fitted_df, data):
-    with pytest.warns(UserWarning, match="X does not have valid feature names, but "
-                      "RealNVPDensity was fitted with feature names"):
+    with pytest.warns(
+        UserWarning,
+        match="X does not have valid feature names, but "
+        "RealNVPDensity was fitted with feature names",
+    ):
         fitted_df.score_samples(data)
 
 
 def test_ndarray_fitted_scored_with_dataframe_warns(fitted, data):
-    with pytest.warns(UserWarning, match="X has feature names, but RealNVPDensity was fitted "
-                      "without feature names"):
+    with pytest.warns(
+        UserWarning,
+        match="X has feature names, but RealNVPDensity was fitted without feature names",
+    ):
         fitted.score_samples(pd.DataFrame(data, columns=["a", "b", "c"]))
 
 
@@ -273,8 +310,9 @@ def test_ndarray_fitted_scored_with_dataframe_warns(fitted, data):
 @pytest.mark.parametrize("method", INFERENCE)
 def test_dataframe_with_other_names_raises(fitted_df, data, method, columns, match):
     names = fitted_df.feature_names_in_.copy()
-    with pytest.raises(ValueError, match="The feature names should match those that were "
-                       "passed during fit"):
+    with pytest.raises(
+        ValueError, match="The feature names should match those that were passed during fit"
+    ):
         getattr(fitted_df, method)(pd.DataFrame(data, columns=columns))
     with pytest.raises(ValueError, match=match):
         getattr(fitted_df, method)(pd.DataFrame(data, columns=columns))
@@ -282,6 +320,7 @@ def test_dataframe_with_other_names_raises(fitted_df, data, method, columns, mat
 
 
 # -------------------------------------------------------------------------- sample()
+
 
 @pytest.mark.parametrize(
     "n, exc, match",
@@ -311,9 +350,18 @@ def test_sample_valid_n_samples(fitted, n):
 
 @pytest.mark.parametrize(
     "temperature, exc",
-    [(0, ValueError), (0.0, ValueError), (-1.0, ValueError), (np.inf, ValueError),
-     (-np.inf, ValueError), (np.nan, ValueError), ("1", TypeError), (None, TypeError),
-     (True, TypeError), (np.bool_(True), TypeError)],
+    [
+        (0, ValueError),
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        (np.inf, ValueError),
+        (-np.inf, ValueError),
+        (np.nan, ValueError),
+        ("1", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+        (np.bool_(True), TypeError),
+    ],
 )
 def test_sample_bad_temperature(fitted, data, temperature, exc):
     before = snapshot(fitted, data)
@@ -324,6 +372,7 @@ def test_sample_bad_temperature(fitted, data, temperature, exc):
 
 # ------------------------------------------------------------------ hyper-parameters
 
+
 def _cuda_unavailable(index=None):
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return n == 0 if index is None else index >= n
@@ -331,8 +380,14 @@ def _cuda_unavailable(index=None):
 
 BAD_PARAMS = [
     # InvalidParameterError (a ValueError and a TypeError), from _parameter_constraints
-    ({"n_couplings": -1}, InvalidParameterError, "'n_couplings' parameter of RealNVPDensity "
-     r"must be an int in the range \[1, inf\). Got -1 instead"),
+    (
+        {"n_couplings": -1},
+        InvalidParameterError,
+        (
+            "'n_couplings' parameter of RealNVPDensity "
+            r"must be an int in the range \[1, inf\). Got -1 instead"
+        ),
+    ),
     ({"n_couplings": 0}, InvalidParameterError, "'n_couplings' parameter"),
     ({"n_couplings": 2.5}, InvalidParameterError, "'n_couplings' parameter"),
     ({"activation": "sigmoidish"}, InvalidParameterError, "'activation' parameter"),
@@ -356,8 +411,11 @@ BAD_PARAMS = [
     # data-dependent checks: ValueError, as sklearn's for n_components > n_samples
     ({"hidden_layer_sizes": (0,)}, ValueError, "hidden_layer_sizes must be positive integers"),
     ({"hidden_layer_sizes": (8, -1)}, ValueError, "hidden_layer_sizes must be positive"),
-    ({"mask": np.ones((2, 2))}, ValueError,
-     re.escape("Expected mask of shape (n_couplings, n_features) = (2, 3), got (2, 2)")),
+    (
+        {"mask": np.ones((2, 2))},
+        ValueError,
+        re.escape("Expected mask of shape (n_couplings, n_features) = (2, 3), got (2, 2)"),
+    ),
     ({"mask": np.ones(3)}, ValueError, "Expected mask of shape"),
     ({"mask": [[0, 2, 1], [1, 0, 0]]}, ValueError, "Expected a binary mask"),
     ({"mask": [[0.5, 1, 0], [1, 0, 0]]}, ValueError, "Expected a binary mask"),
@@ -374,7 +432,7 @@ if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available
 
 
 def _param_id(case):
-    (key, value), = case[0].items()
+    ((key, value),) = case[0].items()
     return f"{key}={value!r}".replace("\n", "")[:40]
 
 
@@ -387,8 +445,9 @@ def test_bad_hyper_parameter_rejected_before_any_work(data, params, exc, match, 
 
 
 @pytest.mark.parametrize("params, exc, match", BAD_PARAMS, ids=[_param_id(c) for c in BAD_PARAMS])
-def test_bad_hyper_parameter_in_refit_leaves_model_untouched(fitted, data, params, exc, match,
-                                                             no_work):
+def test_bad_hyper_parameter_in_refit_leaves_model_untouched(
+    fitted, data, params, exc, match, no_work
+):
     before = snapshot(fitted, data)
     good = fitted.get_params()
     fitted.set_params(**params)
@@ -399,8 +458,9 @@ def test_bad_hyper_parameter_in_refit_leaves_model_untouched(fitted, data, param
 
 
 @pytest.mark.parametrize("params, exc, match", BAD_PARAMS, ids=[_param_id(c) for c in BAD_PARAMS])
-def test_failing_refit_on_other_shaped_data_leaves_model_untouched(fitted, data, params, exc,
-                                                                   match, no_work):
+def test_failing_refit_on_other_shaped_data_leaves_model_untouched(
+    fitted, data, params, exc, match, no_work
+):
     """A refit that fails after validate_data reset n_features_in_ must undo that reset."""
     before = snapshot(fitted, data)
     good = fitted.get_params()
@@ -433,9 +493,10 @@ def test_failing_refit_with_other_n_features_leaves_model_untouched(fitted, data
 
 # ------------------------------------------------------------------- numerical faults
 
+
 @pytest.mark.parametrize(
-    "temperature", [1e-300, 1e-8, 0.1, 1, 3, 1e3, 1e10, 1e100, 1e300, 1e307, 1e308,
-                    np.finfo(np.float64).max],
+    "temperature",
+    [1e-300, 1e-8, 0.1, 1, 3, 1e3, 1e10, 1e100, 1e300, 1e307, 1e308, np.finfo(np.float64).max],
 )
 def test_sample_is_finite_at_every_accepted_temperature(fitted, temperature):
     """Either finite samples, or (only where they overflow float64) a clear ValueError."""
@@ -459,9 +520,15 @@ def fitted_2d():
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        est = RealNVPDensity(n_couplings=4, hidden_layer_sizes=(16,), max_iter=15,
-                             batch_size=32, learning_rate_init=5e-3, random_state=0,
-                             device="cpu").fit(X)
+        est = RealNVPDensity(
+            n_couplings=4,
+            hidden_layer_sizes=(16,),
+            max_iter=15,
+            batch_size=32,
+            learning_rate_init=5e-3,
+            random_state=0,
+            device="cpu",
+        ).fit(X)
     torch.set_num_threads(n)
     return est, X
 
@@ -506,13 +573,23 @@ def test_far_points_score_samples_row_independent(fitted_2d):
 
 
 def _all_finite(est):
-    return all(bool(torch.isfinite(t).all()) for t in est.module_.state_dict().values()
-               if t.is_floating_point())
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in est.module_.state_dict().values()
+        if t.is_floating_point()
+    )
 
 
 def _fit_recording(X, **params):
-    params = {**dict(n_couplings=4, hidden_layer_sizes=(16,), max_iter=12, batch_size=32,
-                     random_state=0, device="cpu"), **params}
+    params = {
+        "n_couplings": 4,
+        "hidden_layer_sizes": (16,),
+        "max_iter": 12,
+        "batch_size": 32,
+        "random_state": 0,
+        "device": "cpu",
+        **params,
+    }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         est = RealNVPDensity(**params).fit(X)
@@ -557,8 +634,11 @@ def test_huge_learning_rate_keeps_finite_weights_and_warns(early_stopping):
     assert _all_finite(est)
     assert np.all(np.isfinite(est.score_samples(X)))
     assert np.all(np.isfinite(est.sample(100, random_state=0)))
-    advice = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)
-              and "learning_rate_init" in str(w.message)]
+    advice = [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, ConvergenceWarning) and "learning_rate_init" in str(w.message)
+    ]
     assert advice, [str(w.message) for w in caught]
     # fit_flow restores the best weights (by validation score, else by training loss)
     assert re.search(r"kept (the weights of epoch \d+|the initial weights)", advice[0]), advice
@@ -623,33 +703,48 @@ def test_unstable_warning_when_no_epoch_beat_the_initial_weights():
     """A loss that exploded in the first epoch and then fell slowly still gets advice."""
     est = RealNVPDensity(**TINY)
     msgs = _outcome_warnings(
-        est, loss_curve=[5e22, 4e22, 3e22], validation_scores=[-6e22, -4e22, -3e22],
-        n_iter=3, best_epoch=-1, best_score=-2.8, converged=True)
-    assert any("unstable" in m and "initial weights" in m and "learning_rate_init" in m
-               for m in msgs), msgs
+        est,
+        loss_curve=[5e22, 4e22, 3e22],
+        validation_scores=[-6e22, -4e22, -3e22],
+        n_iter=3,
+        best_epoch=-1,
+        best_score=-2.8,
+        converged=True,
+    )
+    assert any(
+        "unstable" in m and "initial weights" in m and "learning_rate_init" in m for m in msgs
+    ), msgs
 
 
 def test_no_unstable_warning_on_gaussian_data_where_the_initial_model_is_best():
     est = RealNVPDensity(**TINY)
     msgs = _outcome_warnings(
-        est, loss_curve=[2.81, 2.80, 2.80], validation_scores=[-2.85, -2.84, -2.84],
-        n_iter=3, best_epoch=-1, best_score=-2.83, converged=True)
+        est,
+        loss_curve=[2.81, 2.80, 2.80],
+        validation_scores=[-2.85, -2.84, -2.84],
+        n_iter=3,
+        best_epoch=-1,
+        best_score=-2.83,
+        converged=True,
+    )
     assert msgs == []
 
 
 def test_ordinary_training_is_not_called_unstable():
-    est, caught = _fit_recording(_moons(), learning_rate_init=5e-3)
+    _, caught = _fit_recording(_moons(), learning_rate_init=5e-3)
     assert not [w for w in caught if "unstable" in str(w.message)]
 
 
 def test_without_early_stopping_the_best_training_weights_are_kept():
     X = np.repeat(_moons()[:5], 40, axis=0)
-    est, _ = _fit_recording(X, learning_rate_init=1.0, early_stopping=False, max_iter=30,
-                            batch_size=200)
+    est, _ = _fit_recording(
+        X, learning_rate_init=1.0, early_stopping=False, max_iter=30, batch_size=200
+    )
     assert est.score(X) >= -min(est.loss_curve_) - 1.0
 
 
 # ------------------------------------------------------------------------ memory
+
 
 @pytest.mark.parametrize("method", ["score_samples", "transform", "sample"])
 def test_inference_allocates_only_the_output_on_the_numpy_side(fitted, method):
@@ -659,8 +754,11 @@ def test_inference_allocates_only_the_output_on_the_numpy_side(fitted, method):
 
     n = 300_000
     X = np.random.RandomState(0).randn(n, N_FEATURES)
-    call = (lambda: fitted.sample(n, random_state=0)) if method == "sample" else (
-        lambda: getattr(fitted, method)(X))
+    call = (
+        (lambda: fitted.sample(n, random_state=0))
+        if method == "sample"
+        else (lambda: getattr(fitted, method)(X))
+    )
     call()  # warm-up
     tracemalloc.start()
     try:
