@@ -350,10 +350,17 @@ def _unique_fits(plan) -> list[Fit]:
     return list(seen)
 
 
-def _test_sets(cfg: StudyConfig, fits) -> dict:
+def _test_sets(cfg: StudyConfig, fits, cache=None) -> dict:
     keys = {(f.set_name, f.noise) for f in fits}
     keys |= {(s, STUDY_SETS[s].noise) for s in cfg.sets}
-    return {key: _test_data(cfg, *key) for key in sorted(keys)}
+    tests = {}
+    for key in sorted(keys):
+        tests[key] = cache.load_test(key) if cache is not None else None
+        if tests[key] is None:
+            tests[key] = _test_data(cfg, *key)
+            if cache is not None:
+                cache.save_test(key, tests[key])
+    return tests
 
 
 def _step_seconds(cfg: StudyConfig, fit: Fit) -> float:
@@ -407,7 +414,10 @@ def _fit_task(cfg, fit, test, want_grid):
     return fit, _run_fit(cfg, fit, test, want_grid)
 
 
-def run_study(cfg: StudyConfig, out, *, jobs: int = 1, log=print, resume: bool = True) -> list[dict]:
+def run_study(
+    cfg: StudyConfig, out, *, jobs: int = 1, log=print, resume: bool = True,
+    report_only: bool = False,
+) -> list[dict]:
     """Run the study and write results and figures to ``out``; return the result rows.
 
     Each finished fit is cached in ``out/cache/``, so an interrupted run continues where it
@@ -426,6 +436,8 @@ def run_study(cfg: StudyConfig, out, *, jobs: int = 1, log=print, resume: bool =
         Receives one progress line per fit.
     resume : bool, default=True
         Reuse fits cached by an earlier run with the same budget; False refits everything.
+    report_only : bool, default=False
+        Fit nothing: write tables and figures from the cached fits only (for a partial run).
 
     Returns
     -------
@@ -436,11 +448,13 @@ def run_study(cfg: StudyConfig, out, *, jobs: int = 1, log=print, resume: bool =
     cache = _Cache(out / "cache", cfg, enabled=resume)
     plan = plan_fits(cfg)
     fits = sorted(_unique_fits(plan), key=lambda f: f.seed)  # all settings once, then again
-    tests = _test_sets(cfg, fits)
+    tests = _test_sets(cfg, fits, cache)
     start = time.perf_counter()
     results = {f: cache.load_fit(f) for f in fits}
-    todo = [f for f in fits if results[f] is None]
-    log(f"{len(fits) - len(todo)} of {len(fits)} fits cached in {cache.root}; running {len(todo)}")
+    missing = [f for f in fits if results[f] is None]
+    todo = [] if report_only else missing
+    log(f"{len(fits) - len(missing)} of {len(fits)} fits cached in {cache.root}; "
+        f"running {len(todo)}")
     tasks = [(cfg, f, tests[(f.set_name, f.noise)], f.seed == 0) for f in todo]
     for i, (fit, row) in enumerate(_parallel(_fit_task, tasks, jobs), 1):
         results[fit] = cache.save_fit(fit, row)
@@ -451,7 +465,7 @@ def run_study(cfg: StudyConfig, out, *, jobs: int = 1, log=print, resume: bool =
         tasks = [(cfg, s, tests[(s, STUDY_SETS[s].noise)])
                  for s, snap in zip(cfg.sets, snapshots) if snap is None]
         snapshots = [snap for snap in snapshots if snap is not None]
-        for snap in _parallel(_run_snapshots, tasks, jobs):
+        for snap in _parallel(_run_snapshots, [] if report_only else tasks, jobs):
             snapshots.append(cache.save_snapshots(snap))
             log(f"snapshots of {snap['set']} done ({time.perf_counter() - start:.0f} s)")
     rows = _rows(plan, results)
@@ -496,6 +510,24 @@ class _Cache:
         path.write_text(json.dumps(public, default=float))
         return row
 
+    def _test_path(self, key: tuple) -> Path:
+        return self.root / f"test_{key[0]}_{self._key(list(key))}.npz"
+
+    def load_test(self, key: tuple) -> dict | None:
+        path = self._test_path(key)
+        if not path.exists():  # test sets are deterministic: always reusable
+            return None
+        z = np.load(path)
+        test = {k: z[k] for k in ("X", "log_p", "shape")}
+        test["extent"] = tuple(float(v) for v in z["extent"])
+        test["true_grid"] = z["true_grid"] if z["true_grid"].size else None
+        return test
+
+    def save_test(self, key: tuple, test: dict) -> None:
+        grid = test["true_grid"] if test["true_grid"] is not None else np.empty(0)
+        np.savez(self._test_path(key), X=test["X"], log_p=test["log_p"], shape=test["shape"],
+                 extent=np.array(test["extent"]), true_grid=grid)
+
     def _snap_path(self, set_name: str) -> Path:
         return self.root / f"snapshots_{set_name}_{self._key(set_name)}.npz"
 
@@ -531,6 +563,8 @@ def _value_str(value) -> str:
 def _rows(plan, results) -> list[dict]:
     rows = []
     for axis, set_name, value, fit in plan:
+        if results.get(fit) is None:
+            continue
         result = {k: v for k, v in results[fit].items() if not k.startswith("_")}
         rows.append({"axis": axis, "set": set_name, "value": _value_str(value), **result})
     return rows
@@ -642,7 +676,7 @@ def _grid_figure(out, cfg, rows, summary, results, tests, axis) -> None:
     fig, axes = plt.subplots(len(sets), n_cols, figsize=(2.1 * n_cols, 2.2 * len(sets)),
                              squeeze=False)
     stats = {(e["set"], e["value"]): e for e in summary if e["axis"] == axis}
-    grids = {(r["set_name"], _fit_key(r)): r["_grid"] for r in results.values() if "_grid" in r}
+    grids = {(r["set_name"], _fit_key(r)): r["_grid"] for r in results.values() if r and "_grid" in r}
     for i, s in enumerate(sets):
         for j in range(n_cols):
             ax = axes[i, j]
@@ -650,8 +684,11 @@ def _grid_figure(out, cfg, rows, summary, results, tests, axis) -> None:
                 ax.axis("off")
                 continue
             value = values[s][j]
-            row = next(r for r in rows if r["axis"] == axis and r["set"] == s
-                       and r["value"] == value and r["seed"] == 0)
+            row = next((r for r in rows if r["axis"] == axis and r["set"] == s
+                        and r["value"] == value and r["seed"] == 0), None)
+            if row is None:
+                ax.axis("off")
+                continue
             test = tests[(s, row["noise"])]
             _density_image(ax, grids[(s, _fit_key(row))], test["extent"], _vmax(test))
             e = stats[(s, value)]
@@ -685,8 +722,20 @@ def _line_panel(ax, axis, entries, col, label=None, **kw) -> None:
                 capsize=3, label=label, **kw)
     if not numeric:
         ax.set_xticks(xs, [e["value"] for e in entries], rotation=30, fontsize=8)
-    elif axis in {"samples", "width"}:
+    elif axis in {"samples", "width", "noise"}:
         ax.set_xscale("log")
+
+
+def _gap_scale(ax, gaps) -> None:
+    """Log scale for positive gaps; symmetric log with readable ticks when some are <= 0."""
+    if min(gaps) > 0:
+        ax.set_yscale("log")
+        return
+    ax.set_yscale("symlog", linthresh=0.01)
+    top = max(max(gaps), 0.01)
+    ticks = [-0.1, -0.01, 0] + [10.0**k for k in range(-2, int(np.ceil(np.log10(top))) + 1)]
+    ticks = [t for t in ticks if 1.5 * min(gaps) <= t <= 1.5 * top or t == 0]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
 
 
 def _lines_figure(out, cfg, summary, axis) -> None:
@@ -701,8 +750,7 @@ def _lines_figure(out, cfg, summary, axis) -> None:
                     color="k")
         _line_panel(bottom, axis, entries, "kl_gap", "mean gap (KL estimate)")
         _line_panel(bottom, axis, entries, "median_gap", "median gap")
-        gaps = [e[f"{c}_mean"] for e in entries for c in ("kl_gap", "median_gap")]
-        bottom.set_yscale("log" if min(gaps) > 0 else "symlog")
+        _gap_scale(bottom, [e[f"{c}_mean"] for e in entries for c in ("kl_gap", "median_gap")])
         top.set_title(s, fontsize=10)
         bottom.set_xlabel(_AXIS_LABELS[axis], fontsize=9)
     axes[0, 0].set_ylabel("held-out mean log-likelihood", fontsize=9)
@@ -740,6 +788,8 @@ def _cross_figure(out, cfg, summary) -> None:
     fig, axes = plt.subplots(1, 2 * len(sets), figsize=(8 * len(sets), 3.6), squeeze=False)
     for j, s in enumerate(sets):
         entries = [e for e in summary if e["axis"] == "samples_couplings" and e["set"] == s]
+        if not entries:
+            continue
         for k in cfg.cross_couplings:
             mine = [dict(e, value=e["value"].split("/")[0]) for e in entries
                     if e["value"].endswith(f"/{k}")]
@@ -798,6 +848,8 @@ def _parse(argv) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--fresh", action="store_true",
                         help="ignore fits cached in OUT/cache by an earlier run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="fit nothing; tables and figures from the cached fits only")
     parser.add_argument("--estimate-only", action="store_true",
                         help="print the time estimate and exit")
     return parser.parse_args(argv)
@@ -827,6 +879,9 @@ def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     cfg = _config_from_args(args)
     n_fits = len(_unique_fits(plan_fits(cfg)))
+    if args.report_only:
+        run_study(cfg, args.out, log=lambda line: print(line, flush=True), report_only=True)
+        return 0
     estimate = estimate_seconds(cfg, args.jobs)
     print(f"{n_fits} fits on {', '.join(cfg.sets)}; at most {cfg.steps} optimizer steps each; "
           f"estimated at most {estimate / 60:.1f} min with {args.jobs} job(s) on this machine",
@@ -834,7 +889,7 @@ def main(argv=None) -> int:
     if args.estimate_only:
         return 0
     run_study(cfg, args.out, jobs=args.jobs, log=lambda line: print(line, flush=True),
-              resume=not args.fresh)
+              resume=not args.fresh, report_only=args.report_only)
     return 0
 
 

@@ -143,3 +143,20 @@ def test_quick_mode_end_to_end_with_two_jobs(tmp_path):
     assert {r["set"] for r in table} == {"moons", "circles", "spiral2", "spiral4"}
     assert all(math.isfinite(float(r["heldout_ll"])) for r in table)
     assert (tmp_path / "snapshots_moons.png").stat().st_size > 5000
+
+
+def test_rerun_uses_the_cache_and_report_only_skips_missing_fits(tiny_study, tmp_path):
+    import shutil
+
+    cfg, out, rows, _ = tiny_study
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    lines = []
+    again = run_study(cfg, copy, log=lines.append)
+    assert not [line for line in lines if line.startswith("[")]  # nothing refitted
+    assert [r["heldout_ll"] for r in again] == [r["heldout_ll"] for r in rows]
+    fit_files = sorted((copy / "cache").glob("fit_*.json"))
+    fit_files[0].unlink()
+    partial = run_study(cfg, copy, log=lines.append, report_only=True)
+    assert 0 < len(partial) < len(rows)
+    assert (copy / "lines_couplings.png").stat().st_size > 5000
