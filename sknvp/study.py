@@ -80,13 +80,14 @@ STUDY_SETS: dict[str, SetSpec] = {
 """Data sets by study name; the first four are the original study's."""
 
 AXES = ("couplings", "depth", "width", "samples", "noise", "activation", "mask",
-        "samples_couplings")
+        "samples_couplings", "depth_2_couplings")
 """The varied parameters, in the order of the original report's claims."""
 
 _AXIS_LABELS = {
     "couplings": "number of couplings", "depth": "hidden layers per coupling",
     "width": "hidden units per layer", "samples": "training samples", "noise": "noise std",
     "activation": "activation", "mask": "mask", "samples_couplings": "training samples",
+    "depth_2_couplings": "hidden layers per coupling (2 couplings)",
 }
 
 
@@ -121,6 +122,7 @@ class StudyConfig:
     masks: tuple = ("fixed", "alternating", "checkerboard", "random")
     cross_sets: tuple = ("moons",)
     cross_couplings: tuple = (2, 4, 6)
+    few_couplings_depths: tuple = (1, 2, 4, 6)
     noise_levels: int = 4
     snapshot_epochs: tuple = (1, 3, 10, 30, 100, 250)
     snapshot_learning_rate: float = 1e-3
@@ -139,11 +141,11 @@ class StudyConfig:
             return tuple((n, k) for k in self.cross_couplings for n in self.samples)
         return {"couplings": self.couplings, "depth": self.depths, "width": self.widths,
                 "samples": self.samples, "activation": self.activations,
-                "mask": self.masks}[axis]
+                "mask": self.masks, "depth_2_couplings": self.few_couplings_depths}[axis]
 
 
 def full_config(**changes) -> StudyConfig:
-    """The full study (about 330 fits; see :func:`estimate_seconds`)."""
+    """The full study (354 fits; see :func:`estimate_seconds`)."""
     return replace(StudyConfig(), **changes)
 
 
@@ -153,7 +155,7 @@ def quick_config(**changes) -> StudyConfig:
         seeds=1, n_train=1000, n_test=4000, steps=300, patience_steps=150,
         couplings=(1, 2, 6), depths=(1, 3), widths=(), samples=(500, 2000),
         activations=("relu", "tanh"), masks=("fixed", "alternating"), noise_levels=2,
-        cross_couplings=(), snapshot_epochs=(1, 10, 50, 150), grid_size=60,
+        cross_couplings=(), few_couplings_depths=(), snapshot_epochs=(1, 10, 50, 150), grid_size=60,
     )
     return replace(StudyConfig(), **{**quick, **changes})
 
@@ -190,6 +192,7 @@ def _axis_fit(cfg: StudyConfig, set_name: str, axis: str, value, seed: int) -> F
         "activation": lambda v: {"activation": v},
         "mask": lambda v: {"mask": v},
         "samples_couplings": lambda v: {"n_train": v[0], "n_couplings": v[1]},
+        "depth_2_couplings": lambda v: {"n_couplings": 2, "hidden": (cfg.width,) * v},
     }[axis](value)
     return Fit(**{**base, **change})
 
@@ -295,6 +298,15 @@ def _score(est, test: dict, fit: Fit) -> dict:
     }
 
 
+def _mask_pattern(est) -> str:
+    """Which feature each coupling keeps fixed, e.g. ``"0101"`` (read from ``module_``)."""
+    from .transforms import AffineCoupling
+
+    kept = [int(np.flatnonzero(m.mask.cpu().numpy())[0]) if m.mask.any() else -1
+            for m in est.module_.modules() if isinstance(m, AffineCoupling)]
+    return "".join(str(k) for k in kept)
+
+
 def _run_fit(cfg: StudyConfig, fit: Fit, test: dict, want_grid: bool) -> dict:
     spec = STUDY_SETS[fit.set_name]
     X = spec.draw(fit.n_train, fit.noise, seed=1000 + fit.seed)
@@ -310,7 +322,8 @@ def _run_fit(cfg: StudyConfig, fit: Fit, test: dict, want_grid: bool) -> dict:
             "steps_per_epoch": _steps_per_epoch(cfg, fit.n_train),
             "seconds_per_epoch": seconds / max(est.n_iter_, 1),
             "epochs_to_converge": _epochs_to_converge(est.validation_scores_),
-            "early_stopped": bool(est.converged_), **_score(est, test, fit),
+            "early_stopped": bool(est.converged_), "mask_pattern": _mask_pattern(est),
+            **_score(est, test, fit),
         }
         if want_grid:
             grid = est.score_samples(_grid(test["extent"], cfg.grid_size))
@@ -593,7 +606,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else [])
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -709,7 +723,7 @@ def _fit_key(row: dict) -> tuple:
 
 
 def _x_positions(axis, values):
-    numeric = axis in {"couplings", "depth", "width", "samples", "noise"}
+    numeric = axis in {"couplings", "depth", "width", "samples", "noise", "depth_2_couplings"}
     return ([float(v) for v in values] if numeric else list(range(len(values)))), numeric
 
 
