@@ -270,9 +270,9 @@ def digits_figure(image, X_test, curve, rows, path: Path, seed: int = 0) -> None
     ax.set_xlabel("epoch")
     ax.set_ylabel("bits / dim")
     ax.set_title("multi-scale Real NVP training")
-    top = max(rows[1]["bits_per_dim"], rows[2]["bits_per_dim"]) + 0.4
+    top = max(rows[1]["bits_per_dim"], rows[2]["bits_per_dim"]) + 0.75  # room for the legend
     ax.set_ylim(min(curve["train_bits_per_dim"]) - 0.1, top)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
