@@ -1021,6 +1021,7 @@ def plot(results, path: Path) -> None:
 
     methods = _methods_in(results)
     sets = list(results["sets"].values())
+    time_key = "fit_cpu_s" if _judge_on_cpu(results) else "fit_wall_s"
     fig, axes = plt.subplots(2, 1, figsize=(13, 8.5), sharex=True)
     width = 0.8 / max(len(methods), 1)
     colors = plt.get_cmap("tab10")
@@ -1060,7 +1061,7 @@ def plot(results, path: Path) -> None:
                     fontsize=7,
                     rotation=90,
                 )
-            axes[1].bar(x, cell["fit_wall_s"], width, color=colors(i))
+            axes[1].bar(x, cell[time_key], width, color=colors(i))
     axes[0].set_yscale("log")
     axes[0].set_ylim(5e-4, 2e3)
     axes[0].set_ylabel(
@@ -1071,7 +1072,7 @@ def plot(results, path: Path) -> None:
         ncol=min(len(methods) + 1, 8), fontsize=8, loc="upper left", bbox_to_anchor=(0, 1.15)
     )
     axes[1].set_yscale("log")
-    axes[1].set_ylabel("fit wall time, s (log scale)")
+    axes[1].set_ylabel(f"fit {'CPU' if time_key == 'fit_cpu_s' else 'wall'} time, s (log scale)")
     axes[1].set_xticks(range(len(sets)))
     axes[1].set_xticklabels(labels, fontsize=8)
     for ax in axes:
