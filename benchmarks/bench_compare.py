@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -1378,13 +1379,15 @@ def parse_args(argv=None):
     p.add_argument(
         "--out",
         type=Path,
-        default=ROOT / "docs" / "figures" / "benchmarks",
-        help="folder for results.json, results.md, benchmarks.png",
+        default=None,
+        help="folder for results.json, results.md, benchmarks.png (default: "
+        "docs/figures/benchmarks; with --quick a new temporary folder)",
     )
     p.add_argument(
         "--doc",
-        default=str(ROOT / "docs" / "benchmarks.md"),
-        help="markdown file whose generated block is rewritten ('none' to skip)",
+        default=None,
+        help="markdown file whose generated block is rewritten, 'none' to skip (default: "
+        "docs/benchmarks.md; with --quick none)",
     )
     p.add_argument("--repeats", type=int, default=1, help="fits per cell (seeds 0, 1, ...)")
     p.add_argument(
@@ -1438,6 +1441,14 @@ def main(argv=None) -> dict | str:
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     limits = set_threads(args.threads)  # noqa: F841 - keep the BLAS limit alive
+    if args.out is None:  # a quick run never overwrites the published results by default
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="bench_quick_"))
+            if args.quick
+            else ROOT / "docs" / "figures" / "benchmarks"
+        )
+    if args.doc is None:
+        args.doc = "none" if args.quick else str(ROOT / "docs" / "benchmarks.md")
     doc = None if args.doc.lower() == "none" else Path(args.doc)
     default_sets = QUICK_SETS if args.quick else tuple(DATASETS)
     sets = _split(args.sets, DATASETS, "sets") if args.sets else list(default_sets)
