@@ -127,11 +127,16 @@ def test_grid_density_is_sklearns_finite_mixture():
     grid = true_log_density("moons", X, noise=0.01, n_grid=100)
     smooth = true_log_density("moons", X, noise=0.01)
     assert grid.mean() > smooth.mean() + 0.3
+    # A fine grid (spacing pi / 9999 = 3e-4 against noise 0.05) converges to the curve limit.
+    # sklearn's grid includes both ends of each arc at full weight where the integral gives them
+    # half, so near the four tips the grid is higher by about spacing / (noise * sqrt(2 pi))
+    # = 0.5 %; in the middle it is lower by log(n / (n - 1)) = 1e-4.
     fine = make_moons(2000, noise=0.05, random_state=0)
-    np.testing.assert_allclose(
-        true_log_density("moons", fine, noise=0.05, n_grid=20000),
-        true_log_density("moons", fine, noise=0.05), atol=1e-3,
+    diff = true_log_density("moons", fine, noise=0.05, n_grid=20000) - true_log_density(
+        "moons", fine, noise=0.05
     )
+    assert np.abs(diff).max() < 1e-2
+    assert np.median(np.abs(diff)) < 2e-4
 
 
 # STUDY_FACTS.md ceilings (nats per point). Our spiral (turns=1) value is -5.506 +- 0.001

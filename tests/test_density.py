@@ -117,8 +117,9 @@ def test_batched_inference_equals_one_shot(fitted, moons, monkeypatch):
     full = fitted.score_samples(moons[1])
     latent = fitted.transform(moons[1])
     monkeypatch.setattr(density_module, "_INFERENCE_ROWS", 7)
-    np.testing.assert_array_equal(fitted.score_samples(moons[1]), full)
-    np.testing.assert_array_equal(fitted.transform(moons[1]), latent)
+    # float64 throughout: chunking changes BLAS blocking at most in the last bits.
+    np.testing.assert_allclose(fitted.score_samples(moons[1]), full, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fitted.transform(moons[1]), latent, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("n_features", [1, 3, 5])
@@ -168,7 +169,7 @@ def test_sample_weight_zero_rows_are_ignored_by_the_loss(moons):
     X = moons[0]
     junk = np.full((1, 2), 50.0)
     weights = np.r_[np.ones(len(X)), 0.0]
-    params = dict(**FAST, early_stopping=False, batch_size=len(X) + 1)
+    params = {**FAST, "early_stopping": False, "batch_size": len(X) + 1}
     a = RealNVPDensity(**params).fit(np.r_[X, junk], sample_weight=weights)
     b = RealNVPDensity(**params).fit(np.r_[X, junk], sample_weight=weights * 3)
     np.testing.assert_allclose(a.score_samples(X), b.score_samples(X), atol=1e-4)
@@ -188,10 +189,11 @@ def test_explicit_mask_array(moons):
 def test_fixed_mask_warns_and_cannot_learn_the_kept_feature(moons):
     # Feature 0 is never transformed with mask='fixed': its marginal stays Gaussian, so the
     # model is worse than the alternating one (the study's observation).
+    # Medians: a small flow can put a rare test point far in its tail, which moves a mean.
     with pytest.warns(UserWarning, match="never transformed"):
-        fixed = RealNVPDensity(**{**FAST, "max_iter": 40}, mask="fixed").fit(moons[0])
-    alt = RealNVPDensity(**{**FAST, "max_iter": 40}).fit(moons[0])
-    assert alt.score(moons[1]) > fixed.score(moons[1]) + 0.2
+        fixed = RealNVPDensity(**{**FAST, "max_iter": 100}, mask="fixed").fit(moons[0])
+    alt = RealNVPDensity(**{**FAST, "max_iter": 100}).fit(moons[0])
+    assert np.median(alt.score_samples(moons[1])) > np.median(fixed.score_samples(moons[1])) + 0.3
 
 
 def test_divergence_keeps_finite_weights_and_warns(moons):
@@ -230,13 +232,27 @@ def test_grid_search_over_architecture(moons):
         "activation": ["relu", "tanh"],
         "mask": ["alternating", "fixed"],
     }
-    base = RealNVPDensity(max_iter=8, random_state=0, device="cpu")
+    base = RealNVPDensity(
+        max_iter=20, batch_size=32, learning_rate_init=5e-3, learning_rate="constant",
+        random_state=0, device="cpu",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         search = GridSearchCV(base, grid, cv=2, n_jobs=2).fit(moons[0])
-    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
-    assert search.best_params_["mask"] == "alternating"
+    res = search.cv_results_
+    assert np.isfinite(res["mean_test_score"]).all()
     assert search.best_params_["n_couplings"] == 4
+    assert search.best_estimator_.n_couplings == 4
+    # With one coupling "fixed" and "alternating" are the same mask: clone and set_params
+    # must give the same model, so the same scores.
+    one = np.asarray(res["param_n_couplings"]) == 1
+    by_key = {}
+    for i in np.flatnonzero(one):
+        key = (str(res["param_hidden_layer_sizes"][i]), res["param_activation"][i])
+        by_key.setdefault(key, []).append(res["mean_test_score"][i])
+    assert len(by_key) == 4
+    for scores in by_key.values():
+        assert scores[0] == pytest.approx(scores[1], abs=1e-9)
 
 
 def test_feature_names_from_dataframe(moons):
