@@ -25,7 +25,7 @@ from ._compat import Interval, StrOptions, _fit_context, check_sample_weight
 from ._training import fit_flow, make_adam
 from ._utils import TORCH_DTYPES, derive_seed, map_batches, resolve_device
 from .flows import RealNVPFlow, build_realnvp
-from .masks import MASK_TYPES, coupling_masks
+from .masks import MASK_TYPES
 from .nets import ACTIVATIONS
 
 __all__ = ["RealNVPDensity"]
@@ -97,11 +97,12 @@ def _undo_input_attrs_on_error(fit_method):
 
     @functools.wraps(fit_method)
     def wrapper(self, *args, **kwargs):
-        saved = {k: vars(self)[k] for k in _INPUT_ATTRS if k in vars(self)}
+        names = getattr(self, "_input_attrs", _INPUT_ATTRS)
+        saved = {k: vars(self)[k] for k in names if k in vars(self)}
         try:
             return fit_method(self, *args, **kwargs)
         except BaseException:
-            for k in _INPUT_ATTRS:
+            for k in names:
                 vars(self).pop(k, None)
             vars(self).update(saved)
             raise
@@ -433,15 +434,30 @@ class RealNVPDensity(
             group["weight_decay"] = self.alpha
         return optimizer
 
+    def _prepare_training_data(self, X, valid_idx, seed: int) -> np.ndarray:
+        """Hook: check or map the training array before it becomes tensors (identity here)."""
+        return X
+
+    def _default_batch_size(self, n_train: int) -> int:
+        """Hook: the minibatch size ``batch_size="auto"`` stands for."""
+        return _auto_batch_size(n_train)
+
+    def _epoch_printer(self, n_dims: int):
+        """Hook: how ``verbose`` progress lines are shown."""
+        return print
+
     def _train(self, module, X, sample_weight, train_idx, valid_idx, device, seed, warm,
-               max_iter=None, schedule=None):
+               max_iter=None, schedule=None, keep_better=True):
+        X = self._prepare_training_data(X, valid_idx, seed)
         dtype = TORCH_DTYPES[self.dtype]
         work = copy.deepcopy(module).to(device=device, dtype=dtype)
         x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype)
         x_va, w_va = self._to_tensors(X, sample_weight, valid_idx, device, dtype)
         optimizer = self._resume_optimizer(work) if warm else None
-        auto = self.batch_size == "auto"
-        batch_size = _auto_batch_size(len(train_idx)) if auto else self.batch_size
+        if self.batch_size == "auto":
+            batch_size = self._default_batch_size(len(train_idx))
+        else:
+            batch_size = self.batch_size
         generator = torch.Generator().manual_seed(seed)
         result, optimizer = fit_flow(
             work, x_tr, x_valid=x_va if len(valid_idx) else None, w_train=w_tr, w_valid=w_va,
@@ -450,7 +466,8 @@ class RealNVPDensity(
             learning_rate=schedule or self.learning_rate,
             alpha=self.alpha, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
             generator=generator, optimizer=optimizer, verbose=self.verbose,
-            transform_batch=self._batch_transform(generator),
+            print_fn=self._epoch_printer(X.shape[1]),
+            transform_batch=self._batch_transform(generator), keep_better=keep_better,
         )
         self._set_fitted(work, optimizer, result, device, warm)
         return result
@@ -493,7 +510,7 @@ class RealNVPDensity(
         module = self._build_module(X, sample_weight, sizes, mask, seed) if first else self.module_
         result = self._train(
             module, X, sample_weight, idx, idx[:0], device, seed + 1, not first,
-            max_iter=1, schedule="constant",
+            max_iter=1, schedule="constant", keep_better=False,
         )
         if result.diverged:
             self._warn_outcome(result)

@@ -37,7 +37,7 @@ def batch_slices(n: int, batch_size: int, min_size: int = 2) -> list[slice]:
     if len(starts) > 1 and n - starts[-1] < min_size:
         starts.pop()
     ends = starts[1:] + [n]
-    return [slice(a, b) for a, b in zip(starts, ends)]
+    return [slice(a, b) for a, b in zip(starts, ends, strict=True)]
 
 
 @torch.inference_mode()
@@ -136,6 +136,7 @@ def fit_flow(
     verbose: int = 0,
     print_fn: Callable[[str], None] = print,
     transform_batch: Callable[[Tensor], Tensor] | None = None,
+    keep_better: bool = True,
 ) -> tuple[TrainResult, torch.optim.Optimizer]:
     """Train ``module`` by minimising the mean negative log-likelihood with Adam.
 
@@ -150,6 +151,10 @@ def fit_flow(
 
     ``transform_batch``, if given, maps each training minibatch before the loss (e.g. adds
     fresh dequantisation noise); validation data are used as given.
+
+    ``keep_better=False`` (one-pass updates such as ``partial_fit``) always keeps the final
+    finite weights when there is no validation set: every update counts, even one whose pass
+    measured a higher loss than the weights it started from.
 
     Returns the :class:`TrainResult` and the optimizer (to resume training later).
     """
@@ -169,7 +174,9 @@ def fit_flow(
                 group["lr"] = _learning_rate(learning_rate, learning_rate_init, epoch, max_iter)
             # Without validation the epoch's loss was measured on the weights *during* the
             # epoch, so it is paired with the weights at the epoch's start.
-            at_start = None if monitor_valid else copy.deepcopy(module.state_dict())
+            at_start = (
+                copy.deepcopy(module.state_dict()) if keep_better and not monitor_valid else None
+            )
             loss, skipped = _train_epoch(
                 module, optimizer, x_train, w_train, batch_size, generator, transform_batch
             )
@@ -199,7 +206,7 @@ def fit_flow(
         result.interrupted = True
     if monitor_valid or result.diverged or result.interrupted:
         module.load_state_dict(best_state)
-    else:
+    elif keep_better:
         _keep_better_on_training_data(module, best_state, x_train, w_train)
     module.eval()
     result.fit_seconds = time.perf_counter() - start

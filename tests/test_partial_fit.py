@@ -201,12 +201,6 @@ def test_pickling_leaves_the_estimator_unchanged(stream):
     assert isinstance(est.device_, torch.device), f"device_ became {est.device_!r}"
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="fit_flow's _keep_better_on_training_data (no validation set) restores the weights "
-    "from the chunk's start when they fit the chunk better, so some calls are rolled back",
-)
 def test_every_partial_fit_call_keeps_its_update(stream):
     # One call = one pass whose Adam steps are kept: the weights must change on every call
     # (not be rolled back to the chunk's start, which would also leave them out of step with
