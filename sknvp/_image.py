@@ -2,7 +2,6 @@ r"""`RealNVPImageDensity`: the Real-NVP paper's multi-scale image model as an es
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from numbers import Integral, Real
@@ -14,8 +13,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._compat import Interval, StrOptions
-from ._density import RealNVPDensity, _check_n_samples
-from ._training import fit_flow
+from ._density import (
+    _GLOBAL_RNG_LOCK,
+    _INPUT_ATTRS,
+    RealNVPDensity,
+    _check_n_samples,
+    _check_temperature,
+    _undo_input_attrs_on_error,
+)
 from ._utils import TORCH_DTYPES, derive_seed, map_batches
 from .multiscale import auto_n_scales, build_multiscale, check_n_scales
 
@@ -171,6 +176,9 @@ n_iter_, converged_
     ((1, 8, 8), (2, 64))
     """
 
+    # A failing fit also restores the remembered input layout.
+    _input_attrs: ClassVar[tuple] = (*_INPUT_ATTRS, "_fit_layout")
+
     _parameter_constraints: ClassVar[dict] = {
         **{
             k: v
@@ -291,6 +299,7 @@ n_iter_, converged_
 
     # ------------------------------------------------------------------ fitting
 
+    @_undo_input_attrs_on_error
     def fit(self, X, y=None, sample_weight=None):
         """Fit the flow by maximum likelihood on dequantised pixel levels.
 
@@ -311,6 +320,7 @@ n_iter_, converged_
         warm = self._is_warm()
         return super().fit(self._as_rows(X, reset=not warm), y, sample_weight)
 
+    @_undo_input_attrs_on_error
     def partial_fit(self, X, y=None, sample_weight=None):
         """One pass over a chunk of images (see :meth:`RealNVPDensity.partial_fit`).
 
@@ -340,7 +350,7 @@ n_iter_, converged_
         return shape, n_scales
 
     def _build_module(self, X, sample_weight, shape, n_scales, seed: int):
-        with torch.random.fork_rng(devices=[]):
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_multiscale(
                 shape,
@@ -403,49 +413,12 @@ n_iter_, converged_
 
         return show
 
-    def _train(
-        self,
-        module,
-        X,
-        sample_weight,
-        train_idx,
-        valid_idx,
-        device,
-        seed,
-        warm,
-        max_iter=None,
-        schedule=None,
-    ):
+    def _prepare_training_data(self, X, valid_idx, seed: int) -> np.ndarray:
         self._check_range(X)
-        X = self._dequantize_validation(X, valid_idx, seed)
-        dtype = TORCH_DTYPES[self.dtype]
-        work = copy.deepcopy(module).to(device=device, dtype=dtype)
-        x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype)
-        x_va, w_va = self._to_tensors(X, sample_weight, valid_idx, device, dtype)
-        optimizer = self._resume_optimizer(work) if warm else None
-        batch_size = min(64, len(train_idx)) if self.batch_size == "auto" else self.batch_size
-        generator = torch.Generator().manual_seed(seed)
-        result, optimizer = fit_flow(
-            work,
-            x_tr,
-            x_valid=x_va if len(valid_idx) else None,
-            w_train=w_tr,
-            w_valid=w_va,
-            max_iter=max_iter or self.max_iter,
-            batch_size=batch_size,
-            learning_rate_init=self.learning_rate_init,
-            learning_rate=schedule or self.learning_rate,
-            alpha=self.alpha,
-            tol=self.tol,
-            n_iter_no_change=self.n_iter_no_change,
-            generator=generator,
-            optimizer=optimizer,
-            verbose=self.verbose,
-            print_fn=self._epoch_printer(X.shape[1]),
-            transform_batch=self._batch_transform(generator),
-        )
-        self._set_fitted(work, optimizer, result, device, warm)
-        return result
+        return self._dequantize_validation(X, valid_idx, seed)
+
+    def _default_batch_size(self, n_train: int) -> int:
+        return min(64, n_train)
 
     def _inference_dtype(self) -> torch.dtype:
         return torch.float64 if self.device_.type == "cpu" else TORCH_DTYPES[self.dtype]
@@ -567,8 +540,7 @@ n_iter_, converged_
         """
         check_is_fitted(self)
         n_samples = _check_n_samples(n_samples)
-        if not (isinstance(temperature, Real) and 0 < temperature < np.inf):
-            raise ValueError(f"temperature must be a positive finite float, got {temperature!r}.")
+        temperature = _check_temperature(temperature)
         gen = torch.Generator(device=self.device_).manual_seed(
             derive_seed(check_random_state(random_state))
         )

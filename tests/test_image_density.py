@@ -211,6 +211,23 @@ def test_wrong_image_shape_at_inference(fitted):
         fitted.sample(2, temperature=0)
 
 
+def test_failed_refit_leaves_the_fitted_model_untouched():
+    # A refit on flat rows that fails after the input layout was read must not leave the 4-D
+    # layout of the first fit replaced: samples keep the shape the model was fitted on.
+    X = _rgb()
+    est = RealNVPImageDensity(n_levels=8, **TINY)
+    with pytest.warns(Warning):
+        est.fit(X)
+    before = est.score_samples(X[:3])
+    with pytest.raises(ValueError, match="needs square one-channel images"):
+        est.fit(X.reshape(len(X), -1))
+    assert est.n_features_in_ == 48
+    assert est.sample(2, random_state=0).shape == (2, 3, 4, 4)
+    np.testing.assert_array_equal(est.score_samples(X[:3]), before)
+    with pytest.raises(TypeError, match="temperature"):
+        est.sample(2, temperature="hot")
+
+
 # ------------------------------------------------- training behaviour
 
 
