@@ -124,7 +124,7 @@ class StudyConfig:
     cross_couplings: tuple = (2, 4, 6)
     few_couplings_depths: tuple = (1, 2, 4, 6)
     noise_levels: int = 4
-    snapshot_epochs: tuple = (1, 3, 10, 30, 100, 250)
+    snapshot_epochs: tuple = (1, 3, 10, 30, 100, 300, 1000)
     snapshot_learning_rate: float = 1e-3
     grid_size: int = 100
     device: str = "cpu"
@@ -476,7 +476,7 @@ def run_study(
     if "snapshots" in cfg.axes:
         snapshots = [cache.load_snapshots(s) for s in cfg.sets]
         tasks = [(cfg, s, tests[(s, STUDY_SETS[s].noise)])
-                 for s, snap in zip(cfg.sets, snapshots) if snap is None]
+                 for s, snap in zip(cfg.sets, snapshots, strict=True) if snap is None]
         snapshots = [snap for snap in snapshots if snap is not None]
         for snap in _parallel(_run_snapshots, [] if report_only else tasks, jobs):
             snapshots.append(cache.save_snapshots(snap))
@@ -492,18 +492,20 @@ class _Cache:
     """Finished fits and snapshot runs on disk, keyed by everything that determines them."""
 
     _BUDGET = ("steps", "patience_steps", "batch_size", "learning_rate_init", "n_test",
-               "grid_size", "device", "snapshot_epochs", "snapshot_learning_rate", "n_train",
-               "n_couplings", "depth", "width")
+               "grid_size", "device")
+    _SNAPSHOT = ("snapshot_epochs", "snapshot_learning_rate", "n_train", "n_couplings",
+                 "depth", "width")
 
     def __init__(self, root: Path, cfg: StudyConfig, enabled: bool = True) -> None:
         self.root, self.enabled = root, enabled
         self.budget = {k: getattr(cfg, k) for k in self._BUDGET}
+        self.snapshot = {k: getattr(cfg, k) for k in self._SNAPSHOT}
         root.mkdir(parents=True, exist_ok=True)
 
-    def _key(self, what) -> str:
+    def _key(self, what, *extra) -> str:
         import hashlib
 
-        text = json.dumps([what, self.budget], sort_keys=True, default=str)
+        text = json.dumps([what, self.budget, *extra], sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def load_fit(self, fit: Fit) -> dict | None:
@@ -542,7 +544,7 @@ class _Cache:
                  extent=np.array(test["extent"]), true_grid=grid)
 
     def _snap_path(self, set_name: str) -> Path:
-        return self.root / f"snapshots_{set_name}_{self._key(set_name)}.npz"
+        return self.root / f"snapshots_{set_name}_{self._key(set_name, self.snapshot)}.npz"
 
     def load_snapshots(self, set_name: str) -> dict | None:
         path = self._snap_path(set_name)
@@ -550,7 +552,7 @@ class _Cache:
             return None
         z = np.load(path)
         frames = [{"epoch": int(e), "heldout_ll": float(ll), "grid": g, "samples": x}
-                  for e, ll, g, x in zip(z["epoch"], z["heldout_ll"], z["grid"], z["samples"])]
+                  for e, ll, g, x in zip(z["epoch"], z["heldout_ll"], z["grid"], z["samples"], strict=True)]
         return {"set": set_name, "data": z["data"], "frames": frames}
 
     def save_snapshots(self, snap: dict) -> dict:
@@ -650,9 +652,10 @@ def _vmax(test: dict) -> float:
 def _snapshot_figure(out: Path, cfg: StudyConfig, snap: dict, test: dict) -> None:
     plt = _plt()
     frames = snap["frames"]
-    fig, axes = plt.subplots(2, len(frames) + 1, figsize=(2.3 * (len(frames) + 1), 4.9),
-                             squeeze=False)
     vmax, extent = _vmax(test), test["extent"]
+    aspect = min(1.2, (extent[3] - extent[2]) / (extent[1] - extent[0]))
+    fig, axes = plt.subplots(2, len(frames) + 1, squeeze=False, layout="constrained",
+                             figsize=(2.1 * (len(frames) + 1), 2 * 2.1 * aspect + 1.6))
     true_grid = test["true_grid"]
     if true_grid is not None:
         _density_image(axes[0, 0], true_grid.reshape(cfg.grid_size, -1), extent, vmax)
@@ -667,7 +670,6 @@ def _snapshot_figure(out: Path, cfg: StudyConfig, snap: dict, test: dict) -> Non
     fig.suptitle(f"{snap['set']}: Real-NVP density (top) and samples (bottom) during training\n"
                  f"({cfg.n_couplings} couplings, constant learning rate "
                  f"{cfg.snapshot_learning_rate:g})", fontsize=10)
-    fig.tight_layout()
     fig.savefig(out / f"snapshots_{snap['set']}.png", dpi=90)
     plt.close(fig)
 
@@ -736,14 +738,29 @@ def _line_panel(ax, axis, entries, col, label=None, **kw) -> None:
                 capsize=3, label=label, **kw)
     if not numeric:
         ax.set_xticks(xs, [e["value"] for e in entries], rotation=30, fontsize=8)
-    elif axis in {"samples", "width", "noise"}:
+        return
+    if axis in {"samples", "width", "noise"}:
         ax.set_xscale("log")
+    ticks = sorted(set(getattr(ax, "_study_ticks", [])) | set(xs))
+    ax._study_ticks = ticks
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8,
+                  rotation=45 if len(ticks) > 6 else 0)
+    ax.minorticks_off()
+
+
+def _plain_log_labels(ax) -> None:
+    """Label a log y axis with plain numbers (0.1, 1) rather than powers of ten."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _gap_scale(ax, gaps) -> None:
     """Log scale for positive gaps; symmetric log with readable ticks when some are <= 0."""
     if min(gaps) > 0:
         ax.set_yscale("log")
+        _plain_log_labels(ax)
         return
     ax.set_yscale("symlog", linthresh=0.01)
     top = max(max(gaps), 0.01)
@@ -780,14 +797,16 @@ def _metric_figure(out, cfg, summary, axis, metrics, name, hline=None) -> None:
     """One row per metric, one line per set."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    for ax, (col, ylabel, log) in zip(axes[0], metrics):
+    for ax, (col, ylabel, log) in zip(axes[0], metrics, strict=False):
         for s in cfg.sets:
             entries = [e for e in summary if e["axis"] == axis and e["set"] == s]
             if entries:
                 _line_panel(ax, axis, entries, col, s)
         if hline is not None:
             ax.axhline(hline, color="k", ls="--", lw=1)
-        ax.set_yscale("log" if log else "linear")
+        if log:
+            ax.set_yscale("log")
+            _plain_log_labels(ax)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.set_xlabel(_AXIS_LABELS[axis], fontsize=9)
     axes[0, 0].legend(fontsize=8)
