@@ -7,7 +7,7 @@ pixels, and with the same logit preprocessing as the image model), ``GaussianMix
 ``KernelDensity`` (bandwidth by 5-fold cross-validation). Every model sees dequantised
 pixels: the flows fresh uniform noise per minibatch and fixed noise on their validation rows,
 the scikit-learn models one dequantised copy of the training set. Every model is scored the
-same way, by :func:`sknvp._image.dequantized_bits_per_dim` on the same test images with the
+same way, by :func:`sknvp.dequantized_bits_per_dim` on the same test images with the
 same noise draws. The flows' settings are chosen on their validation split, never on the test
 set. It writes ``results.json``, ``results.md`` and the figure ``digits.png`` (real digits,
 samples at temperature 1 and 0.7, training curve), and rewrites the generated block of
@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sknvp import RealNVPDensity
-from sknvp._image import RealNVPImageDensity, dequantized_bits_per_dim
+from sknvp import RealNVPImageDensity, dequantized_bits_per_dim
 from sknvp.flows import RealNVPFlow
 from sknvp.multiscale import LogitTransform, build_multiscale
 from sknvp.transforms import FlowSequential

@@ -2,7 +2,7 @@
 Handwritten digits with the multi-scale Real NVP
 ================================================
 
-:class:`~sknvp._image.RealNVPImageDensity` is the image architecture of the Real NVP paper
+:class:`~sknvp.RealNVPImageDensity` is the image architecture of the Real NVP paper
 (Dinh et al., 2016): affine couplings with checkerboard and channel masks, squeezes that trade
 space for channels, and half of the channels sent to the Gaussian latent at each scale. Here
 it learns the density of scikit-learn's 8x8 digits, whose pixels take 17 levels (0 to 16).
@@ -30,7 +30,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from sknvp._image import RealNVPImageDensity
+from sknvp import RealNVPImageDensity
 
 FAST = os.environ.get("SKNVP_EXAMPLE_FAST", "") not in ("", "0")
 if FAST:

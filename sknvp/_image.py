@@ -168,7 +168,7 @@ n_iter_, converged_
     Examples
     --------
     >>> from sklearn.datasets import load_digits
-    >>> from sknvp._image import RealNVPImageDensity
+    >>> from sknvp import RealNVPImageDensity
     >>> X = load_digits().data[:100]
     >>> est = RealNVPImageDensity(n_levels=17, n_blocks=1, n_channels=4, max_iter=1,
     ...                           early_stopping=False, random_state=0).fit(X)

@@ -56,11 +56,13 @@ class RealNVPFlow(nn.Module):
         self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> Tensor:
         """Draw ``n`` samples; the base normal's standard deviation is ``temperature``."""
-        ref = next(iter(self.buffers()), None)
-        ref = ref if ref is not None else next(self.parameters())
-        dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+        # The first floating tensor decides: a leading buffer may be a boolean mask.
+        tensors = [*self.parameters(), *self.buffers()]
+        ref = next((t for t in tensors if t.is_floating_point()), None)
+        device = tensors[0].device if tensors else None
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         z = torch.randn(
-            (n, *self.event_shape), generator=generator, device=ref.device, dtype=dtype
+            (n, *self.event_shape), generator=generator, device=device, dtype=dtype
         )
         return self.inverse(z * temperature)[0]
 

@@ -56,7 +56,8 @@ class AffineCoupling(nn.Module):
 
     def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
         # Zero the outputs on kept positions once (s = 0 there, since tanh(0) = 0, and t = 0).
-        free = (~self.mask).to(x_kept.dtype)
+        # Expanded first so a mask that broadcasts over channels (1, H, W) still lines up.
+        free = (~self.mask).to(x_kept.dtype).expand(x_kept.shape[1:])
         raw_s, t = (self.conditioner(x_kept) * torch.cat([free, free])).chunk(2, dim=1)
         s = torch.tanh(raw_s * (1.0 / self.scale_bound)) * self.scale_bound
         return s, t

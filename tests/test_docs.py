@@ -7,6 +7,7 @@ the state_dict recipe, the one-feature model) hold for the code as it is.
 
 import ast
 import importlib
+import inspect
 import re
 import warnings
 from pathlib import Path
@@ -68,7 +69,9 @@ def _quiet_one_thread():
 def test_every_public_name_is_in_the_api_reference(module_name):
     module = importlib.import_module(module_name)
     documented = _api_entries().get(module_name, set())
-    missing = set(module.__all__) - NOT_DOCUMENTED - documented
+    # Submodules re-exported by the package have their own sections.
+    names = {n for n in module.__all__ if not inspect.ismodule(getattr(module, n))}
+    missing = names - NOT_DOCUMENTED - documented
     assert not missing, f"add to docs/api.rst under {module_name}: {sorted(missing)}"
 
 

@@ -12,7 +12,7 @@ from scipy import integrate, stats
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 
-from sknvp._image import RealNVPImageDensity, dequantized_bits_per_dim
+from sknvp import RealNVPImageDensity, dequantized_bits_per_dim
 from sknvp.multiscale import ResNetConditioner
 
 TINY = {"n_blocks": 1, "n_channels": 4, "max_iter": 1, "early_stopping": False, "random_state": 0}

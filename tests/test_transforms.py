@@ -165,3 +165,32 @@ def test_flow_sequential_empty_is_identity():
     x = torch.randn(3, 2)
     z, ld = seq(x)
     assert torch.equal(z, x) and torch.equal(ld, torch.zeros(3))
+
+
+def test_coupling_mask_broadcast_over_channels():
+    # A (1, H, W) checkerboard mask shared by 3 channels: the conditioner's 6-channel output
+    # must be masked per channel (this raised a shape error before the mask was expanded).
+    torch.manual_seed(0)
+    mask = (torch.arange(16).reshape(1, 4, 4) + torch.arange(4).reshape(1, 4, 1)) % 2 == 0
+    conv = torch.nn.Conv2d(3, 6, 3, padding=1).double()
+    layer = AffineCoupling(mask, conv, scale_bound=1.5)
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    z, log_det = layer(x)
+    kept = mask.expand(3, 4, 4)
+    assert torch.equal(z[:, kept], x[:, kept])
+    back, inv_log_det = layer.inverse(z)
+    torch.testing.assert_close(back, x)
+    torch.testing.assert_close(inv_log_det, -log_det)
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v.reshape(1, 3, 4, 4))[0], x[0])
+    expected = torch.linalg.slogdet(jac.reshape(48, 48))[1]
+    torch.testing.assert_close(log_det[0], expected)
+
+
+def test_flow_sample_dtype_follows_parameters_not_a_bool_buffer():
+    flow = build_realnvp(2, n_couplings=2, hidden_layer_sizes=(4,)).double()
+    flow.register_buffer("aaa_flag", torch.tensor([True]))
+    # Move the boolean buffer first in iteration order, as a coupling's mask may be.
+    flow._buffers = {"aaa_flag": flow._buffers.pop("aaa_flag"), **flow._buffers}
+    assert next(iter(flow.buffers())).dtype == torch.bool
+    x = flow.sample(3, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float64 and x.shape == (3, 2)
