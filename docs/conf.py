@@ -42,7 +42,7 @@ extensions = [
 ]
 
 # MathJax ships with the site when sphinx-mathjax-offline is installed (the `docs` extra
-# should list it), so the built pages render formulas without a network; otherwise the pages
+# installs it), so the built pages render formulas without a network; otherwise the pages
 # load MathJax from its CDN when they are opened.
 try:
     importlib.import_module("sphinx-mathjax-offline")

@@ -12,16 +12,13 @@ The top row shows 2,000 samples of each set, the bottom row the exact density on
 the best possible held-out mean log-likelihood (minus the entropy) in the title.
 """
 
-import matplotlib
+import sys
+from pathlib import Path
 
-matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
 
-from pathlib import Path  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sknvp.datasets import DATASETS, true_log_density, true_mean_log_likelihood  # noqa: E402
+from sknvp.datasets import DATASETS, true_log_density, true_mean_log_likelihood
 
 PANELS = [  # (title, generator name, parameters)
     ("two moons", "moons", {"noise": 0.05}),
@@ -63,6 +60,9 @@ for col, (title, name, params) in enumerate(PANELS):
         ax.set_aspect("equal", adjustable="box")
 fig.tight_layout()
 
-out = Path(__file__).resolve().parent.parent / "docs" / "figures" / "datasets"
-out.mkdir(parents=True, exist_ok=True)
-fig.savefig(out / "datasets.png", dpi=110)
+# ``python examples/plot_datasets.py --save`` also writes the figure that docs/datasets.md shows.
+if "--save" in sys.argv:
+    out = Path("docs") / "figures" / "datasets"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "datasets.png", dpi=110)
+    print(f"wrote {out / 'datasets.png'}")
