@@ -30,7 +30,11 @@ from .nets import ACTIVATIONS
 
 __all__ = ["RealNVPDensity"]
 
-_INFERENCE_ROWS = 65536
+_INFERENCE_ROWS = 65536  # most rows per inference chunk
+# On CPU a chunk's activations should stay cache-sized: rows * widest layer <= this many
+# values (2 MiB in float64). One 200,000-row chunk of a 64-wide flow ran 2.8x slower than
+# 4,096-row chunks (benchmarks/bench_compare.py, docs/benchmarks.md).
+_CPU_CHUNK_VALUES = 2**18
 _GLOBAL_RNG_LOCK = threading.Lock()
 
 
@@ -575,10 +579,18 @@ class RealNVPDensity(
 
     # ---------------------------------------------------------------- inference
 
+    def _inference_rows(self) -> int:
+        """Rows per inference chunk: cache-sized activations on CPU, large chunks elsewhere."""
+        if self.device_.type != "cpu":
+            return _INFERENCE_ROWS
+        widths = [p.shape[0] for p in self.module_.parameters() if p.ndim >= 2]
+        width = max([self.n_features_in_, *widths])
+        return min(_INFERENCE_ROWS, max(256, _CPU_CHUNK_VALUES // width))
+
     def _map(self, fn, X, out_shape) -> np.ndarray:
         return map_batches(
             fn, X, out_shape, device=self.device_, dtype=torch.float64,
-            batch_rows=_INFERENCE_ROWS,
+            batch_rows=self._inference_rows(),
         )
 
     def _validated(self, X) -> np.ndarray:
@@ -679,9 +691,10 @@ class RealNVPDensity(
             derive_seed(check_random_state(random_state))
         )
         z = np.empty((n_samples, self.n_features_in_))
+        rows = self._inference_rows()
         with torch.inference_mode():
-            for start in range(0, n_samples, _INFERENCE_ROWS):
-                stop = min(start + _INFERENCE_ROWS, n_samples)
+            for start in range(0, n_samples, rows):
+                stop = min(start + rows, n_samples)
                 z[start:stop] = self.module_.sample(stop - start, gen, temperature).cpu().numpy()
                 if not np.isfinite(z[start:stop]).all():
                     raise ValueError(
