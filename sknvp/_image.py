@@ -128,10 +128,11 @@ class RealNVPImageDensity(RealNVPDensity):
         Maximum number of epochs.
     batch_size : int or "auto", default="auto"
         Images per step; ``"auto"`` is ``min(64, n_samples)``, the paper's batch size.
-    learning_rate_init, learning_rate, alpha, early_stopping, validation_fraction, \
-n_iter_no_change, tol, warm_start, random_state, device, dtype
+    learning_rate_init, learning_rate, alpha, early_stopping, validation_fraction
         As in :class:`~sknvp.RealNVPDensity` (``alpha`` is the L2 penalty; the logit's
-        constant is ``logit_alpha``). ``tol`` is in nats per image.
+        constant is ``logit_alpha``).
+    n_iter_no_change, tol, warm_start, random_state, device, dtype
+        As in :class:`~sknvp.RealNVPDensity`; ``tol`` is in nats per image.
     verbose : int, default=0
         When positive, print per epoch the training loss and the validation bits/dim.
 
@@ -143,10 +144,22 @@ n_iter_no_change, tol, warm_start, random_state, device, dtype
         ``(channels, height, width)`` used.
     n_scales_ : int
         Number of scales used.
-    device_, n_features_in_, loss_curve_, validation_scores_, best_validation_score_, \
-n_iter_, converged_
-        As in :class:`~sknvp.RealNVPDensity`; losses and scores are in nats per image
-        (:meth:`bits_per_dim` converts).
+    device_ : torch.device
+        Where the model lives.
+    n_features_in_ : int
+        Pixels per image (channels * height * width).
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Column names, when ``X`` was a DataFrame.
+    n_iter_ : int
+        Epochs run.
+    loss_curve_ : list of float
+        Training loss per epoch, in nats per image (:meth:`bits_per_dim` converts).
+    validation_scores_ : list of float
+        Validation log-likelihood per epoch, nats per image (empty without early stopping).
+    best_validation_score_ : float or None
+        Best of ``validation_scores_``.
+    converged_ : bool
+        Whether training stopped because the monitored score stopped improving.
 
     See Also
     --------
