@@ -587,9 +587,13 @@ class RealNVPDensity(
         width = max([self.n_features_in_, *widths])
         return min(_INFERENCE_ROWS, max(256, _CPU_CHUNK_VALUES // width))
 
+    def _inference_dtype(self) -> torch.dtype:
+        """Hook: the dtype inference runs in (float64, for exact, batch-invariant scores)."""
+        return torch.float64
+
     def _map(self, fn, X, out_shape) -> np.ndarray:
         return map_batches(
-            fn, X, out_shape, device=self.device_, dtype=torch.float64,
+            fn, X, out_shape, device=self.device_, dtype=self._inference_dtype(),
             batch_rows=self._inference_rows(),
         )
 

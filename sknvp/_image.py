@@ -21,7 +21,7 @@ from ._density import (
     _check_temperature,
     _undo_input_attrs_on_error,
 )
-from ._utils import TORCH_DTYPES, derive_seed, map_batches
+from ._utils import TORCH_DTYPES, derive_seed
 from .multiscale import auto_n_scales, build_multiscale, check_n_scales
 
 __all__ = ["RealNVPImageDensity", "dequantized_bits_per_dim"]
@@ -452,11 +452,8 @@ class RealNVPImageDensity(RealNVPDensity):
 
     # ---------------------------------------------------------------- inference
 
-    def _map(self, fn, X, out_shape) -> np.ndarray:
-        rows = max(1, _INFERENCE_VALUES // max(1, self.n_features_in_))
-        return map_batches(
-            fn, X, out_shape, device=self.device_, dtype=self._inference_dtype(), batch_rows=rows
-        )
+    def _inference_rows(self) -> int:
+        return max(1, _INFERENCE_VALUES // self.n_features_in_)
 
     def _validated(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -558,7 +555,7 @@ class RealNVPImageDensity(RealNVPDensity):
             derive_seed(check_random_state(random_state))
         )
         out = np.empty((n_samples, self.n_features_in_))
-        rows = max(1, _INFERENCE_VALUES // self.n_features_in_)
+        rows = self._inference_rows()
         with torch.inference_mode():
             for start in range(0, n_samples, rows):
                 stop = min(start + rows, n_samples)
