@@ -23,7 +23,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._compat import Interval, StrOptions, _fit_context, check_sample_weight
 from ._training import fit_flow, make_adam
-from ._utils import TORCH_DTYPES, derive_seed, map_batches, resolve_device
+from ._utils import TORCH_DTYPES, cast_module, derive_seed, map_batches, resolve_device
 from .flows import RealNVPFlow, build_realnvp
 from .masks import MASK_TYPES
 from .nets import ACTIVATIONS
@@ -201,13 +201,19 @@ class RealNVPDensity(
         Where to train: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``,
         ``"cuda:1"``, ``"mps"``.
     dtype : {"float32", "float64"}, default="float32"
-        Floating-point type used for training. Scoring, transforms and sampling always run in
-        float64, so results do not depend on batch size (to ~1e-12).
+        Floating-point type used for training.
+    inference_dtype : {"float64", "float32"}, default="float64"
+        Floating-point type of scoring, transforms and sampling. In float64 results do not
+        depend on how rows are batched (to ~1e-12), as scikit-learn's estimator checks ask.
+        ``"float32"`` is 2-4x faster on CPU and gives the same numbers to about 1e-6
+        relative, but a row's score can change in the last digits with the other rows it is
+        scored with. Outputs are float64 arrays either way.
 
     Attributes
     ----------
     module_ : sknvp.flows.RealNVPFlow
-        The fitted torch flow (float64, on ``device_``), usable on its own.
+        The fitted torch flow (float64, on ``device_``), usable on its own. Inference in
+        float32 uses a cached float32 copy, refreshed whenever its weights change.
     device_ : torch.device
         Device the flow lives on.
     n_features_in_ : int
@@ -276,6 +282,7 @@ class RealNVPDensity(
         "random_state": ["random_state"],
         "device": [str, torch.device],
         "dtype": [StrOptions(set(TORCH_DTYPES))],
+        "inference_dtype": [StrOptions(set(TORCH_DTYPES))],
     }
 
     def __init__(
@@ -301,6 +308,7 @@ class RealNVPDensity(
         random_state=None,
         device="auto",
         dtype="float32",
+        inference_dtype="float64",
     ):
         self.n_couplings = n_couplings
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -322,6 +330,7 @@ class RealNVPDensity(
         self.random_state = random_state
         self.device = device
         self.dtype = dtype
+        self.inference_dtype = inference_dtype
 
     # ------------------------------------------------------------------ fitting
 
@@ -588,8 +597,12 @@ class RealNVPDensity(
         return min(_INFERENCE_ROWS, max(256, _CPU_CHUNK_VALUES // width))
 
     def _inference_dtype(self) -> torch.dtype:
-        """Hook: the dtype inference runs in (float64, for exact, batch-invariant scores)."""
-        return torch.float64
+        """Hook: the dtype inference runs in (``inference_dtype``)."""
+        return TORCH_DTYPES[self.inference_dtype]
+
+    def _inference_module(self):
+        """The fitted flow in the inference dtype (``module_`` itself or a cached copy)."""
+        return cast_module(self.module_, self._inference_dtype())
 
     def _map(self, fn, X, out_shape) -> np.ndarray:
         return map_batches(
@@ -616,11 +629,12 @@ class RealNVPDensity(
             density underflows get the lowest finite float64 rather than ``-inf``.
         """
         X = self._validated(X)
-        module = self.module_
+        module = self._inference_module()
         lowest = -np.finfo(np.float64).max  # per chunk: no temporaries the size of X
 
         def log_prob(x):
-            return torch.nan_to_num(module.log_prob(x), nan=lowest, neginf=lowest)
+            log_p = module.log_prob(x).to(torch.float64)
+            return torch.nan_to_num(log_p, nan=lowest, neginf=lowest)
 
         return self._map(log_prob, X, ())
 
@@ -653,7 +667,8 @@ class RealNVPDensity(
         Z : ndarray of shape (n_samples, n_features)
         """
         X = self._validated(X)
-        return self._map(lambda x: self.module_(x)[0], X, (self.n_features_in_,))
+        module = self._inference_module()
+        return self._map(lambda x: module(x)[0], X, (self.n_features_in_,))
 
     def inverse_transform(self, Z):
         """Map latent points back to data space (the inverse of :meth:`transform`).
@@ -668,7 +683,8 @@ class RealNVPDensity(
         """
         check_is_fitted(self)
         Z = validate_data(self, Z, dtype=[np.float64, np.float32], reset=False)
-        return self._map(lambda z: self.module_.inverse(z)[0], Z, (self.n_features_in_,))
+        module = self._inference_module()
+        return self._map(lambda z: module.inverse(z)[0], Z, (self.n_features_in_,))
 
     def sample(self, n_samples=1, random_state=None, temperature=1.0):
         """Draw samples from the fitted density.
@@ -681,8 +697,8 @@ class RealNVPDensity(
             Seed for this draw; ``None`` uses numpy's global random state.
         temperature : float, default=1.0
             Standard deviation of the latent normal; below 1 gives more typical samples.
-            Must be positive and finite; one so large that samples overflow float64 raises
-            ``ValueError`` rather than returning non-finite values.
+            Must be positive and finite; one so large that samples overflow the inference
+            dtype raises ``ValueError`` rather than returning non-finite values.
 
         Returns
         -------
@@ -696,13 +712,22 @@ class RealNVPDensity(
         )
         z = np.empty((n_samples, self.n_features_in_))
         rows = self._inference_rows()
+        module = self._inference_module()
         with torch.inference_mode():
             for start in range(0, n_samples, rows):
                 stop = min(start + rows, n_samples)
-                z[start:stop] = self.module_.sample(stop - start, gen, temperature).cpu().numpy()
+                # The latent draw is float64 whatever the inference dtype, so a seed gives
+                # the same samples (to float32 precision) in either.
+                noise = torch.randn(
+                    (stop - start, self.n_features_in_), generator=gen, device=self.device_,
+                    dtype=torch.float64,
+                )
+                x = module.inverse((noise * temperature).to(self._inference_dtype()))[0]
+                z[start:stop] = x.cpu().numpy()
                 if not np.isfinite(z[start:stop]).all():
                     raise ValueError(
-                        f"temperature={temperature!r} is too large: samples overflow float64."
+                        f"temperature={temperature!r} is too large: samples overflow "
+                        f"{str(self._inference_dtype()).removeprefix('torch.')}."
                     )
         return z
 

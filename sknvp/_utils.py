@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["TORCH_DTYPES", "derive_seed", "map_batches", "resolve_device"]
+__all__ = ["TORCH_DTYPES", "cast_module", "derive_seed", "map_batches", "resolve_device"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -15,6 +19,37 @@ TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def derive_seed(rng: np.random.RandomState) -> int:
     """Draw an int seed for torch from a numpy ``RandomState``."""
     return int(rng.randint(np.iinfo(np.int32).max))
+
+
+_CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CASTS_LOCK = threading.Lock()
+
+
+def _tensor_versions(module: nn.Module) -> tuple:
+    # Any in-place edit of a parameter or buffer bumps its version; a replaced tensor has a new
+    # address. Either makes a cached copy stale.
+    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+
+
+def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` in floating type ``dtype``: itself if it already is, else a cached copy.
+
+    Copying a flow costs milliseconds, more than scoring a few rows, so the copy is kept (in a
+    weak map, so it goes with ``module``) until a parameter or buffer of ``module`` changes.
+    ``module`` itself is never modified.
+    """
+    floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    if all(t.dtype == dtype for t in floats):
+        return module
+    key = _tensor_versions(module)
+    with _CASTS_LOCK:
+        cached = _CASTS.get(module)
+    if cached is not None and cached[0] == key and cached[1] == dtype:
+        return cached[2]
+    converted = copy.deepcopy(module).to(dtype)
+    with _CASTS_LOCK:
+        _CASTS[module] = (key, dtype, converted)
+    return converted
 
 
 def _mps_available() -> bool:

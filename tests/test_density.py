@@ -122,6 +122,47 @@ def test_batched_inference_equals_one_shot(fitted, moons, monkeypatch):
     np.testing.assert_allclose(fitted.transform(moons[1]), latent, rtol=1e-12, atol=1e-12)
 
 
+def test_float32_inference_matches_float64(fitted, moons):
+    X = moons[1]
+    exact = (fitted.score_samples(X), fitted.transform(X), fitted.sample(50, random_state=3))
+    fitted.set_params(inference_dtype="float32")  # no refit needed: a parameter of inference
+    fast = (fitted.score_samples(X), fitted.transform(X), fitted.sample(50, random_state=3))
+    for a, b in zip(exact, fast):
+        assert b.dtype == np.float64
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    assert not np.array_equal(fast[0], exact[0])  # it really ran in float32
+    Z = fitted.transform(X)
+    np.testing.assert_allclose(fitted.inverse_transform(Z), X, atol=1e-4)
+    assert next(fitted.module_.parameters()).dtype == torch.float64  # module_ untouched
+
+
+def test_float32_inference_follows_edits_of_module(fitted, moons):
+    est = fitted.set_params(inference_dtype="float32")
+    before = est.score_samples(moons[1])
+    # A stale float32 copy would keep scoring the old weights.
+    with torch.no_grad():
+        for p in est.module_.parameters():
+            p.mul_(0.5)
+    expected = clone(est).set_params(inference_dtype="float64")
+    expected.__dict__.update({k: v for k, v in est.__dict__.items() if k.endswith("_")})
+    np.testing.assert_allclose(
+        est.score_samples(moons[1]), expected.score_samples(moons[1]), rtol=1e-4, atol=1e-4
+    )
+    assert np.abs(est.score_samples(moons[1]) - before).max() > 1e-3
+
+
+def test_float32_inference_survives_pickle_and_refit(fitted, moons):
+    est = fitted.set_params(inference_dtype="float32")
+    first = est.score_samples(moons[1])
+    loaded = pickle.loads(pickle.dumps(est))
+    np.testing.assert_allclose(loaded.score_samples(moons[1]), first, rtol=1e-6, atol=1e-6)
+    est.set_params(max_iter=3, random_state=1).fit(moons[0])  # a refit replaces the weights
+    exact = clone(est).set_params(inference_dtype="float64").fit(moons[0])
+    np.testing.assert_allclose(
+        est.score_samples(moons[1]), exact.score_samples(moons[1]), rtol=1e-4, atol=1e-4
+    )
+
+
 @pytest.mark.parametrize("n_features", [1, 3, 5])
 def test_one_and_odd_feature_counts(rng, n_features):
     X = rng.standard_gamma(2.0, size=(300, n_features))

@@ -9,6 +9,7 @@ TINY = dict(n_couplings=2, hidden_layer_sizes=(8,), max_iter=3, random_state=0, 
 ESTIMATORS = [
     RealNVPDensity(**TINY),
     RealNVPDensity(**TINY, batch_norm=True, mask="checkerboard", early_stopping=False),
+    RealNVPDensity(**TINY, inference_dtype="float32"),  # the fast path passes them too
 ]
 
 
