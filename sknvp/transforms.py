@@ -17,7 +17,7 @@ __all__ = ["AffineCoupling", "BatchNormFlow", "FlowSequential", "Standardize"]
 
 
 def _sum_except_batch(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).sum(1)
+    return x.sum(dim=tuple(range(1, x.dim())))
 
 
 class AffineCoupling(nn.Module):
@@ -53,21 +53,36 @@ class AffineCoupling(nn.Module):
         self.register_buffer("mask", mask.bool())
         self.conditioner = conditioner
         self.scale_bound = float(scale_bound)
+        self._add_float_masks()
+
+    def _add_float_masks(self) -> None:
+        # Floating copies of the mask, moved and cast with the module by .to(), so a call does
+        # not convert the boolean mask again (a training step runs each coupling twice). They
+        # broadcast like the mask: over channels when it is (1, H, W).
+        keep = self.mask.to(torch.get_default_dtype())
+        self.register_buffer("_keep", keep, persistent=False)
+        self.register_buffer("_free", 1.0 - keep, persistent=False)
+        self.register_buffer("_free_bound", (1.0 - keep) * self.scale_bound, persistent=False)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_keep" not in self._buffers:  # pickled before the floating masks existed
+            self._add_float_masks()
+            ref = next((p for p in self.parameters() if p.is_floating_point()), self._keep)
+            self.to(device=self.mask.device, dtype=ref.dtype)
 
     def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
-        # Zero the outputs on kept positions once (s = 0 there, since tanh(0) = 0, and t = 0).
-        # Expanded first so a mask that broadcasts over channels (1, H, W) still lines up.
-        free = (~self.mask).to(x_kept.dtype).expand(x_kept.shape[1:])
-        raw_s, t = (self.conditioner(x_kept) * torch.cat([free, free])).chunk(2, dim=1)
-        s = torch.tanh(raw_s * (1.0 / self.scale_bound)) * self.scale_bound
-        return s, t
+        raw_s, t = self.conditioner(x_kept).chunk(2, dim=1)
+        # s and t are zeroed on kept positions (tanh(0) = 0), so those stay as they are.
+        s = torch.tanh(raw_s * (1.0 / self.scale_bound)) * self._free_bound
+        return s, t * self._free
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        s, t = self._scale_shift(x * self.mask)
+        s, t = self._scale_shift(x * self._keep)
         return torch.addcmul(t, x, torch.exp(s)), _sum_except_batch(s)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        s, t = self._scale_shift(z * self.mask)
+        s, t = self._scale_shift(z * self._keep)
         return (z - t) * torch.exp(-s), -_sum_except_batch(s)
 
     def extra_repr(self) -> str:
@@ -165,18 +180,18 @@ class FlowSequential(nn.Sequential):
     """Composition of invertible layers; log-determinants add up."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        log_det = x.new_zeros(x.shape[0])
+        log_det = None
         for layer in self:
             x, ld = layer(x)
-            log_det = log_det + ld
-        return x, log_det
+            log_det = ld if log_det is None else log_det + ld
+        return x, x.new_zeros(x.shape[0]) if log_det is None else log_det
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        log_det = z.new_zeros(z.shape[0])
+        log_det = None
         for layer in reversed(self):
             z, ld = layer.inverse(z)
-            log_det = log_det + ld
-        return z, log_det
+            log_det = ld if log_det is None else log_det + ld
+        return z, z.new_zeros(z.shape[0]) if log_det is None else log_det
 
 
 ConditionerFactory = Callable[[int, int], nn.Module]

@@ -194,3 +194,21 @@ def test_flow_sample_dtype_follows_parameters_not_a_bool_buffer():
     assert next(iter(flow.buffers())).dtype == torch.bool
     x = flow.sample(3, torch.Generator().manual_seed(0))
     assert x.dtype == torch.float64 and x.shape == (3, 2)
+
+
+def test_coupling_pickled_without_float_masks_still_loads():
+    # A coupling pickled before its floating mask buffers existed gets them back on load.
+    import pickle
+
+    torch.manual_seed(0)
+    coupling = AffineCoupling(alternating_mask(4, 0), MLP(4, 8, (8,)), scale_bound=1.5)
+    randomize_(coupling, seed=0)
+    x = torch.randn(6, 4)
+    expected = coupling(x)
+    for name in ("_keep", "_free", "_free_bound"):
+        del coupling._buffers[name]
+    loaded = pickle.loads(pickle.dumps(coupling.double()))
+    z, log_det = loaded(x.double())
+    torch.testing.assert_close(z.float(), expected[0])
+    torch.testing.assert_close(log_det.float(), expected[1])
+    assert loaded._free_bound.dtype == torch.float64
