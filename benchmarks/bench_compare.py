@@ -384,6 +384,7 @@ def matched_params(cfg: Config, seed: int) -> dict:
         alpha=0.0,
         early_stopping=False,
         dtype="float32",
+        inference_dtype="float32",  # the peers score and sample in float32 too
         random_state=seed,
     )
 

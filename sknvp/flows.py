@@ -10,7 +10,13 @@ from torch import Tensor, nn
 
 from .masks import coupling_masks
 from .nets import MLP
-from .transforms import AffineCoupling, BatchNormFlow, FlowSequential, Standardize
+from .transforms import (
+    AffineCoupling,
+    BatchNormFlow,
+    FlowSequential,
+    SplitAffineCoupling,
+    Standardize,
+)
 
 __all__ = ["RealNVPFlow", "build_realnvp", "standard_normal_log_prob"]
 
@@ -109,8 +115,13 @@ def build_realnvp(
     if loc is not None and scale is not None:
         layers.append(Standardize(loc, scale))
     for i, m in enumerate(masks):
-        net = MLP(n_features, 2 * n_features, hidden_layer_sizes, activation)
-        layers.append(AffineCoupling(m, net, scale_bound))
+        n_kept = int(m.sum())
+        if 0 < n_kept < n_features:  # the conditioner sees only the kept features
+            net = MLP(n_kept, 2 * (n_features - n_kept), hidden_layer_sizes, activation)
+            layers.append(SplitAffineCoupling(m, net, scale_bound))
+        else:  # nothing kept (one feature) or nothing transformed ("fixed" edge cases)
+            net = MLP(n_features, 2 * n_features, hidden_layer_sizes, activation)
+            layers.append(AffineCoupling(m, net, scale_bound))
         if batch_norm and i < len(masks) - 1:
             layers.append(BatchNormFlow(n_features))
     return RealNVPFlow(FlowSequential(*layers), (n_features,))

@@ -13,7 +13,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AffineCoupling", "BatchNormFlow", "FlowSequential", "Standardize"]
+__all__ = [
+    "AffineCoupling",
+    "BatchNormFlow",
+    "FlowSequential",
+    "SplitAffineCoupling",
+    "Standardize",
+]
 
 
 def _sum_except_batch(x: Tensor) -> Tensor:
@@ -53,23 +59,29 @@ class AffineCoupling(nn.Module):
         self.register_buffer("mask", mask.bool())
         self.conditioner = conditioner
         self.scale_bound = float(scale_bound)
-        self._add_float_masks()
+        self._refresh_mask_buffers()
 
-    def _add_float_masks(self) -> None:
+    def _refresh_mask_buffers(self) -> None:
+        """Derive the non-persistent helpers from ``mask`` (after init, loading or unpickling)."""
         # Floating copies of the mask, moved and cast with the module by .to(), so a call does
         # not convert the boolean mask again (a training step runs each coupling twice). They
         # broadcast like the mask: over channels when it is (1, H, W).
-        keep = self.mask.to(torch.get_default_dtype())
+        old = self._buffers.get("_keep")
+        ref = next((p for p in self.parameters() if p.is_floating_point()), old)
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        keep = self.mask.to(dtype)
         self.register_buffer("_keep", keep, persistent=False)
         self.register_buffer("_free", 1.0 - keep, persistent=False)
         self.register_buffer("_free_bound", (1.0 - keep) * self.scale_bound, persistent=False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_mask_buffers()  # the mask may have been replaced by the loaded one
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_keep" not in self._buffers:  # pickled before the floating masks existed
-            self._add_float_masks()
-            ref = next((p for p in self.parameters() if p.is_floating_point()), self._keep)
-            self.to(device=self.mask.device, dtype=ref.dtype)
+            self._refresh_mask_buffers()
 
     def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
         raw_s, t = self.conditioner(x_kept).chunk(2, dim=1)
@@ -89,6 +101,82 @@ class AffineCoupling(nn.Module):
         flat = self.mask.reshape(-1).int().tolist()
         shown = flat if len(flat) <= 16 else flat[:16] + ["..."]
         return f"mask={shown}, scale_bound={self.scale_bound}"
+
+
+class SplitAffineCoupling(AffineCoupling):
+    r"""The affine coupling of :class:`AffineCoupling` on vectors, split by index.
+
+    The same map and log-determinant, but the conditioner sees only the kept features and
+    returns scale and shift for the transformed ones: it maps ``(batch, n_kept)`` to
+    ``(batch, 2 * n_free)`` instead of ``(batch, n)`` to ``(batch, 2 n)`` with half of
+    its inputs and outputs masked to zero. Its first and last layers are therefore about half
+    the size (a third fewer multiply-adds per coupling of a 64x64 network in 50 dimensions).
+    When the kept features form one block (``"alternating"`` masks) the split and the join
+    are slices and one concatenation; otherwise they are gathers.
+
+    Parameters
+    ----------
+    mask : BoolTensor of shape (n_features,)
+        ``True`` marks the kept features; at least one feature must be kept and one
+        transformed (use :class:`AffineCoupling` otherwise).
+    conditioner : nn.Module
+        Maps ``(batch, n_kept)`` to ``(batch, 2 * n_free)``: raw log-scale, then shift.
+    scale_bound : float, default=2.0
+        Soft bound :math:`\beta` on :math:`|s|`.
+    """
+
+    def __init__(self, mask: Tensor, conditioner: nn.Module, scale_bound: float = 2.0) -> None:
+        mask = mask.bool()
+        if mask.dim() != 1 or not bool(mask.any()) or bool(mask.all()):
+            raise ValueError(
+                "SplitAffineCoupling needs a 1-D mask with both kept and transformed "
+                f"features, got shape {tuple(mask.shape)} with {int(mask.sum())} kept."
+            )
+        super().__init__(mask, conditioner, scale_bound)
+
+    def _refresh_mask_buffers(self) -> None:
+        super()._refresh_mask_buffers()
+        mask = self.mask
+        kept = torch.nonzero(mask).flatten()
+        free = torch.nonzero(~mask).flatten()
+        self.register_buffer("_kept_idx", kept, persistent=False)
+        self.register_buffer("_free_idx", free, persistent=False)
+        self.register_buffer("_unsplit", torch.argsort(torch.cat([kept, free])), persistent=False)
+        n, k = mask.numel(), kept.numel()
+        # A block of kept features first or last: slices instead of gathers.
+        self._layout = (
+            "kept_first" if bool(mask[:k].all()) else
+            "kept_last" if bool(mask[n - k:].all()) else "gather"
+        )
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        k = self._kept_idx.numel()
+        if self._layout == "kept_first":
+            return x[:, :k], x[:, k:]
+        if self._layout == "kept_last":
+            return x[:, x.shape[1] - k:], x[:, : x.shape[1] - k]
+        return x.index_select(1, self._kept_idx), x.index_select(1, self._free_idx)
+
+    def _join(self, kept: Tensor, free: Tensor) -> Tensor:
+        if self._layout == "kept_first":
+            return torch.cat([kept, free], dim=1)
+        if self._layout == "kept_last":
+            return torch.cat([free, kept], dim=1)
+        return torch.cat([kept, free], dim=1).index_select(1, self._unsplit)
+
+    def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
+        raw_s, t = self.conditioner(x_kept).chunk(2, dim=1)
+        return torch.tanh(raw_s * (1.0 / self.scale_bound)) * self.scale_bound, t
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x_kept, x_free = self._split(x)
+        s, t = self._scale_shift(x_kept)
+        return self._join(x_kept, torch.addcmul(t, x_free, torch.exp(s))), s.sum(1)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        z_kept, z_free = self._split(z)
+        s, t = self._scale_shift(z_kept)
+        return self._join(z_kept, (z_free - t) * torch.exp(-s)), -s.sum(1)
 
 
 class BatchNormFlow(nn.Module):

@@ -113,18 +113,20 @@ def test_state_dict_recipe_of_the_persistence_page(tmp_path):
     X = np.random.RandomState(1).randn(100, 3) * [1.0, 10.0, 100.0]
     flow = RealNVPDensity(**{**TINY, "n_couplings": 3, "mask": "random"}).fit(X)
     torch.save(flow.module_.state_dict(), tmp_path / "flow_weights.pt")
+    state = torch.load(tmp_path / "flow_weights.pt")
+    masks = torch.stack([v for k, v in state.items() if k.endswith(".mask")])
     module = build_realnvp(
         n_features=flow.n_features_in_,
         n_couplings=flow.n_couplings,
         hidden_layer_sizes=flow.hidden_layer_sizes,
         activation=flow.activation,
-        mask="alternating",
+        mask=masks,
         batch_norm=flow.batch_norm,
         scale_bound=flow.scale_bound,
         loc=torch.zeros(flow.n_features_in_, dtype=torch.float64),
         scale=torch.ones(flow.n_features_in_, dtype=torch.float64),
     ).double()
-    module.load_state_dict(torch.load(tmp_path / "flow_weights.pt"))
+    module.load_state_dict(state)
     module.eval()
     with torch.no_grad():
         log_p = module.log_prob(torch.as_tensor(X, dtype=torch.float64)).numpy()

@@ -1,5 +1,6 @@
 """Property tests of the torch layer: exact inverses and log-determinants equal to autograd's."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -212,3 +213,67 @@ def test_coupling_pickled_without_float_masks_still_loads():
     torch.testing.assert_close(z.float(), expected[0])
     torch.testing.assert_close(log_det.float(), expected[1])
     assert loaded._free_bound.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "mask", [[1, 1, 0, 0, 0], [0, 0, 0, 1, 1], [1, 0, 1, 0, 0], [0, 1, 0, 0, 1]]
+)
+def test_split_coupling_equals_masked_coupling_with_the_same_weights(mask):
+    # The split coupling is the masked one with the zero inputs and outputs cut away: with the
+    # masked network's weights restricted to kept inputs / free outputs, both give one map.
+    from sknvp.transforms import SplitAffineCoupling
+
+    mask = torch.tensor(mask, dtype=torch.bool)
+    d, kept, free = mask.numel(), torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
+    masked = randomize_(AffineCoupling(mask, MLP(d, 2 * d, (8,)), 1.5).double(), 0, 1.0)
+    split = SplitAffineCoupling(mask, MLP(len(kept), 2 * len(free), (8,)), 1.5).double()
+    with torch.no_grad():
+        first, last = masked.conditioner[0], masked.conditioner[-1]
+        split.conditioner[0].weight.copy_(first.weight[:, kept])
+        split.conditioner[0].bias.copy_(first.bias)
+        rows = torch.cat([free, free + d])
+        split.conditioner[-1].weight.copy_(last.weight[rows])
+        split.conditioner[-1].bias.copy_(last.bias[rows])
+    x = torch.randn(7, d, dtype=torch.float64)
+    for a, b in zip(split(x), masked(x)):
+        torch.testing.assert_close(a, b)
+    z = masked(x)[0]
+    for a, b in zip(split.inverse(z), masked.inverse(z)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(split.inverse(z)[0], x)
+
+
+def test_split_coupling_rejects_masks_without_both_parts():
+    from sknvp.transforms import SplitAffineCoupling
+
+    for mask in ([1, 1], [0, 0], [[1, 0], [0, 1]]):
+        with pytest.raises(ValueError, match="kept and transformed"):
+            SplitAffineCoupling(torch.tensor(mask, dtype=torch.bool), MLP(1, 2, (4,)))
+
+
+def test_vector_flows_use_split_couplings_where_possible():
+    from sknvp.transforms import SplitAffineCoupling
+
+    flow = build_realnvp(5, 4, (8,))
+    couplings = [m for m in flow.modules() if isinstance(m, AffineCoupling)]
+    assert all(isinstance(m, SplitAffineCoupling) for m in couplings)
+    assert couplings[0].conditioner[0].in_features == 2  # only the kept features
+    one = build_realnvp(1, 2, (8,))  # nothing to keep with a single feature
+    assert not any(isinstance(m, SplitAffineCoupling) for m in one.modules())
+
+
+def test_loading_a_state_dict_with_other_masks_refreshes_the_derived_buffers():
+    # The floating masks and split indices are not in the state dict: loading masks of the
+    # same shape must re-derive them, or the module would keep transforming the old features.
+    x = torch.randn(9, 4, dtype=torch.float64)
+    for kind in ("checkerboard", "random"):
+        source = randomize_(build_realnvp(4, 3, (8,), mask=kind).double(), 1)
+        target = build_realnvp(4, 3, (8,), mask="alternating").double()
+        target.load_state_dict(source.state_dict())
+        for a, b in zip(target(x), source(x)):
+            torch.testing.assert_close(a, b)
+    masked = randomize_(AffineCoupling(alternating_mask(4, 0), MLP(4, 8, (8,))).double(), 2)
+    other = AffineCoupling(alternating_mask(4, 1), MLP(4, 8, (8,))).double()
+    other.load_state_dict(masked.state_dict())
+    for a, b in zip(other(x), masked(x)):
+        torch.testing.assert_close(a, b)
