@@ -127,7 +127,7 @@ def test_float32_inference_matches_float64(fitted, moons):
     exact = (fitted.score_samples(X), fitted.transform(X), fitted.sample(50, random_state=3))
     fitted.set_params(inference_dtype="float32")  # no refit needed: a parameter of inference
     fast = (fitted.score_samples(X), fitted.transform(X), fitted.sample(50, random_state=3))
-    for a, b in zip(exact, fast):
+    for a, b in zip(exact, fast, strict=True):
         assert b.dtype == np.float64
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
     assert not np.array_equal(fast[0], exact[0])  # it really ran in float32

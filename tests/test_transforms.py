@@ -235,10 +235,10 @@ def test_split_coupling_equals_masked_coupling_with_the_same_weights(mask):
         split.conditioner[-1].weight.copy_(last.weight[rows])
         split.conditioner[-1].bias.copy_(last.bias[rows])
     x = torch.randn(7, d, dtype=torch.float64)
-    for a, b in zip(split(x), masked(x)):
+    for a, b in zip(split(x), masked(x), strict=True):
         torch.testing.assert_close(a, b)
     z = masked(x)[0]
-    for a, b in zip(split.inverse(z), masked.inverse(z)):
+    for a, b in zip(split.inverse(z), masked.inverse(z), strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(split.inverse(z)[0], x)
 
@@ -270,10 +270,10 @@ def test_loading_a_state_dict_with_other_masks_refreshes_the_derived_buffers():
         source = randomize_(build_realnvp(4, 3, (8,), mask=kind).double(), 1)
         target = build_realnvp(4, 3, (8,), mask="alternating").double()
         target.load_state_dict(source.state_dict())
-        for a, b in zip(target(x), source(x)):
+        for a, b in zip(target(x), source(x), strict=True):
             torch.testing.assert_close(a, b)
     masked = randomize_(AffineCoupling(alternating_mask(4, 0), MLP(4, 8, (8,))).double(), 2)
     other = AffineCoupling(alternating_mask(4, 1), MLP(4, 8, (8,))).double()
     other.load_state_dict(masked.state_dict())
-    for a, b in zip(other(x), masked(x)):
+    for a, b in zip(other(x), masked(x), strict=True):
         torch.testing.assert_close(a, b)
