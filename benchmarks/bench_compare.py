@@ -383,6 +383,7 @@ def matched_params(cfg: Config, seed: int) -> dict:
         learning_rate="constant",
         alpha=0.0,
         early_stopping=False,
+        n_iter_no_change=cfg.epochs,  # run every epoch of the budget, as the peers do
         dtype="float32",
         inference_dtype="float32",  # the peers score and sample in float32 too
         random_state=seed,
