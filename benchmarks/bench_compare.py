@@ -761,7 +761,11 @@ def loglik_table(results) -> list[str]:
                 row.append("error" if cells[m] and "error" in cells[m] else "–")
                 continue
             text = _fmt(vals[m])
-            if cells[m].get("loglik_std") is not None:
+            runs = cells[m].get("loglik_runs") or []
+            bad = sum(1 for v in runs if not np.isfinite(v) or v < -1e6)
+            if bad:  # one run far off decides the mean: say so instead of a useless spread
+                text += f" ({bad} of {len(runs)} runs below -1e6)"
+            elif cells[m].get("loglik_std") is not None:
                 text += f" ± {cells[m]['loglik_std']:.3f}"
             row.append(f"**{text}**" if vals[m] == best else text)
         rows.append(row)

@@ -73,6 +73,17 @@ class RealNVPFlow(nn.Module):
         return self.inverse(z * temperature)[0]
 
 
+def _init_like_full_input(net: nn.Module, n_kept: int, n_features: int) -> None:
+    # torch's default init draws a layer's weights and biases from U(+-1/sqrt(fan_in)). A
+    # conditioner fed the masked vector had fan_in = n_features; fed only the kept features it
+    # would start sqrt(n_features / n_kept) times larger, which overfitted small data
+    # (breast cancer, 455 rows: -55 against -31 nats over 3 seeds). Keep the old scale.
+    first = next(m for m in net.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        first.weight.mul_(math.sqrt(n_kept / n_features))
+        first.bias.mul_(math.sqrt(n_kept / n_features))
+
+
 def build_realnvp(
     n_features: int,
     n_couplings: int = 8,
@@ -118,6 +129,7 @@ def build_realnvp(
         n_kept = int(m.sum())
         if 0 < n_kept < n_features:  # the conditioner sees only the kept features
             net = MLP(n_kept, 2 * (n_features - n_kept), hidden_layer_sizes, activation)
+            _init_like_full_input(net, n_kept, n_features)
             layers.append(SplitAffineCoupling(m, net, scale_bound))
         else:  # nothing kept (one feature) or nothing transformed ("fixed" edge cases)
             net = MLP(n_features, 2 * n_features, hidden_layer_sizes, activation)

@@ -277,3 +277,16 @@ def test_loading_a_state_dict_with_other_masks_refreshes_the_derived_buffers():
     other.load_state_dict(masked.state_dict())
     for a, b in zip(other(x), masked(x), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_split_conditioners_start_at_the_scale_of_a_full_input_layer():
+    # Fed only the kept half, torch's default init would draw the first layer from
+    # U(+-1/sqrt(n_kept)); sknvp keeps U(+-1/sqrt(n_features)), which fitted small data better.
+    torch.manual_seed(0)
+    flow = build_realnvp(30, 2, (128,))
+    for coupling in flow.transform:
+        first = coupling.conditioner[0]
+        assert first.in_features == 15
+        bound = 1 / 30**0.5
+        assert first.weight.abs().max() <= bound and first.weight.abs().max() > 0.9 * bound
+        assert first.bias.abs().max() <= bound
