@@ -1046,7 +1046,8 @@ def plot(results, path: Path) -> None:
             cell = entry["methods"].get(m)
             if not _ok(cell):
                 continue
-            gap = ref - cell["loglik"] if math.isfinite(cell["loglik"]) else np.nan
+            ll = cell["loglik"]
+            gap = ref - ll if math.isfinite(ll) else (np.inf if ll == -np.inf else np.nan)
             height = min(max(gap, 1e-3), _GAP_CAP) if math.isfinite(gap) else _GAP_CAP
             axes[0].bar(
                 x,
