@@ -80,8 +80,7 @@ class AffineCoupling(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if "_keep" not in self._buffers:  # pickled before the floating masks existed
-            self._refresh_mask_buffers()
+        self._refresh_mask_buffers()  # derived state; also fills in what older pickles lack
 
     def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
         raw_s, t = self.conditioner(x_kept).chunk(2, dim=1)
@@ -135,7 +134,7 @@ class SplitAffineCoupling(AffineCoupling):
         super().__init__(mask, conditioner, scale_bound)
 
     def _refresh_mask_buffers(self) -> None:
-        super()._refresh_mask_buffers()
+        # Index helpers only: this coupling never multiplies by the floating masks.
         mask = self.mask
         kept = torch.nonzero(mask).flatten()
         free = torch.nonzero(~mask).flatten()
