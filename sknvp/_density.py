@@ -66,6 +66,28 @@ def _check_mask_array(mask, n_couplings: int, n_features: int) -> torch.Tensor:
     return torch.as_tensor(mask)
 
 
+def _whitening_factor(X, sample_weight, loc, scale, reg: float = 1e-6) -> np.ndarray:
+    """Lower Cholesky factor of the weighted correlation matrix of ``(X - loc) / scale``.
+
+    ``reg`` is added to the diagonal (as GaussianMixture's ``reg_covar``), so collinear or
+    fewer-rows-than-features data still have a factor; it grows tenfold until one exists.
+    """
+    U = (np.asarray(X, dtype=np.float64) - loc) / scale
+    w = np.asarray(sample_weight, dtype=np.float64)
+    w = w / w.sum()
+    U = U - w @ U
+    corr = (U * w[:, None]).T @ U
+    corr = 0.5 * (corr + corr.T)
+    eye = np.eye(len(corr))
+    while True:
+        try:
+            return np.linalg.cholesky(corr + reg * eye)
+        except np.linalg.LinAlgError:
+            if reg >= 1.0:
+                return eye  # not reached for a finite correlation matrix; be safe anyway
+            reg *= 10.0
+
+
 def _standardization(X: np.ndarray, sample_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # In units of each column's largest magnitude, so that sums and squares of values near the
     # float64 (or float32) limit do not overflow.
@@ -168,6 +190,16 @@ class RealNVPDensity(
     batch_norm : bool, default=False
         Insert batch normalisation layers (with their log-determinant) between couplings, as in
         the paper. They use batch statistics in training and running averages afterwards.
+    whiten : bool or "auto", default="auto"
+        Start the flow with a fixed full-covariance whitening (the Cholesky factor of the
+        training rows' correlation matrix, :class:`~sknvp.transforms.TriangularWhitening`)
+        after the per-feature standardisation, so the couplings start from a full-covariance
+        Gaussian instead of a diagonal one. It pays on strongly correlated tabular data with
+        few rows and can hurt elsewhere (see the benchmarks in the documentation). ``"auto"``
+        fits the flow both ways and keeps the one with the better validation log-likelihood,
+        which doubles the fit time; it does so only with ``early_stopping`` (which provides the
+        validation rows) and 3 or more features: in 1 or 2 dimensions one coupling can
+        represent the whitening itself, so ``"auto"`` does not whiten there.
     scale_bound : float, default=2.0
         Soft bound on each coupling's log-scale: :math:`s = \beta\tanh(\tilde s/\beta)`.
     max_iter : int, default=200
@@ -216,6 +248,9 @@ class RealNVPDensity(
         float32 uses a cached float32 copy, refreshed whenever its weights change.
     device_ : torch.device
         Device the flow lives on.
+    whiten_ : bool
+        Whether the fitted flow starts with the full-covariance whitening (what ``"auto"``
+        chose).
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (n_features_in_,)
@@ -267,6 +302,7 @@ class RealNVPDensity(
         "activation": [StrOptions(set(ACTIVATIONS)), callable],
         "mask": [StrOptions(set(MASK_TYPES)), "array-like"],
         "batch_norm": ["boolean"],
+        "whiten": ["boolean", StrOptions({"auto"})],
         "scale_bound": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
@@ -293,6 +329,7 @@ class RealNVPDensity(
         activation="relu",
         mask="alternating",
         batch_norm=False,
+        whiten="auto",
         scale_bound=2.0,
         max_iter=200,
         batch_size="auto",
@@ -315,6 +352,7 @@ class RealNVPDensity(
         self.activation = activation
         self.mask = mask
         self.batch_norm = batch_norm
+        self.whiten = whiten
         self.scale_bound = scale_bound
         self.max_iter = max_iter
         self.batch_size = batch_size
@@ -350,9 +388,25 @@ class RealNVPDensity(
             )
         return sizes, mask
 
-    def _build_module(self, X, sample_weight, sizes, mask, seed: int) -> RealNVPFlow:
+    def _candidate_specs(self, spec: tuple, n_features: int) -> list[tuple]:
+        """Hook: the model specifications ``fit`` trains and picks from by validation score.
+
+        ``spec`` is what :meth:`_check_params` returned; each candidate is the tail of the
+        arguments of :meth:`_build_module` (here: ``(sizes, mask, whiten)``).
+        """
+        if self.whiten == "auto":
+            compare = self.early_stopping and n_features >= 3
+            return [(*spec, False), (*spec, True)] if compare else [(*spec, False)]
+        return [(*spec, bool(self.whiten))]
+
+    def _build_module(self, X, sample_weight, sizes, mask, whiten, seed: int) -> RealNVPFlow:
         """Build a fresh flow for ``X`` (subclasses override for other architectures)."""
         loc, scale = _standardization(X, sample_weight)
+        whitening = None
+        if whiten and X.shape[1] > 1:
+            whitening = torch.as_tensor(
+                _whitening_factor(X, sample_weight, loc, scale), dtype=torch.float64
+            )
         gen = torch.Generator().manual_seed(seed)
         # Layer constructors draw from torch's global RNG: fork it (so the user's stream is
         # untouched) under a lock (so fits in concurrent threads cannot interleave seeds).
@@ -368,6 +422,7 @@ class RealNVPDensity(
                 scale_bound=self.scale_bound,
                 loc=torch.as_tensor(loc, dtype=torch.float64),
                 scale=torch.as_tensor(scale, dtype=torch.float64),
+                whitening=whitening,
                 generator=gen,
             ).double()
 
@@ -417,14 +472,46 @@ class RealNVPDensity(
         rng = check_random_state(self.random_state)
         seed = derive_seed(rng)
         train_idx, valid_idx = self._split(len(X), rng)
-        module = self.module_ if warm else self._build_module(
-            X[train_idx], sample_weight[train_idx], sizes, mask, seed
-        )
-        result = self._train(
-            module, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm
-        )
+        if warm:
+            result = self._train(
+                self.module_, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm
+            )
+            self._warn_outcome(result)
+            return self
+        best = None
+        specs = self._candidate_specs((sizes, mask), X.shape[1])
+        for spec in specs:
+            # Every candidate starts from the same seed: they differ only in their spec.
+            module = self._build_module(
+                X[train_idx], sample_weight[train_idx], *spec, seed
+            )
+            result = self._train(
+                module, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm
+            )
+            self._record_spec(spec)
+            if self.verbose and len(specs) > 1:
+                print(f"{self._describe_spec(spec)}: best validation log-likelihood "
+                      f"{result.best_score:.4f}")
+            if best is None or result.best_score > best[0].best_score:
+                best = (result, self._fitted_state())
+        result, state = best
+        vars(self).update(state)
         self._warn_outcome(result)
         return self
+
+    def _record_spec(self, spec: tuple) -> None:
+        """Hook: store what a candidate spec was as fitted attributes."""
+        self.whiten_ = bool(spec[-1])
+
+    def _describe_spec(self, spec: tuple) -> str:
+        return f"whiten={bool(spec[-1])}"
+
+    def _fitted_state(self) -> dict:
+        """The attributes a fit sets (to restore the better of several candidates)."""
+        return {
+            k: v for k, v in vars(self).items()
+            if (k.endswith("_") and not k.startswith("__")) or k == "_optimizer_state"
+        }
 
     def _to_tensors(self, X, w, idx, device, dtype):
         x = torch.as_tensor(X[idx], device=device).to(dtype)
@@ -520,11 +607,17 @@ class RealNVPDensity(
             self._partial_seed = derive_seed(check_random_state(self.random_state))
         seed = self._partial_seed + 2 * getattr(self, "n_iter_", 0)
         idx = np.arange(len(X))
-        module = self._build_module(X, sample_weight, sizes, mask, seed) if first else self.module_
+        if first:
+            spec = self._candidate_specs((sizes, mask), X.shape[1])[0]  # no validation rows
+            module = self._build_module(X, sample_weight, *spec, seed)
+        else:
+            module = self.module_
         result = self._train(
             module, X, sample_weight, idx, idx[:0], device, seed + 1, not first,
             max_iter=1, schedule="constant", keep_better=False,
         )
+        if first:
+            self._record_spec(spec)
         if result.diverged:
             self._warn_outcome(result)
         return self

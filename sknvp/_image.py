@@ -196,7 +196,7 @@ class RealNVPImageDensity(RealNVPDensity):
         **{
             k: v
             for k, v in RealNVPDensity._parameter_constraints.items()
-            if k not in ("n_couplings", "hidden_layer_sizes", "mask")
+            if k not in ("n_couplings", "hidden_layer_sizes", "mask", "whiten", "inference_dtype")
         },
         "image_shape": [None, tuple, list],
         "n_levels": [Interval(Integral, 2, None, closed="left")],
@@ -361,6 +361,12 @@ class RealNVPImageDensity(RealNVPDensity):
             n_scales = check_n_scales(shape, self.n_scales)
         self._spec = (shape, n_scales)
         return shape, n_scales
+
+    def _candidate_specs(self, spec: tuple, n_features: int) -> list[tuple]:
+        return [spec]  # one architecture: nothing to choose on the validation split
+
+    def _record_spec(self, spec: tuple) -> None:
+        pass
 
     def _build_module(self, X, sample_weight, shape, n_scales, seed: int):
         with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):

@@ -16,6 +16,7 @@ from .transforms import (
     FlowSequential,
     SplitAffineCoupling,
     Standardize,
+    TriangularWhitening,
 )
 
 __all__ = ["RealNVPFlow", "build_realnvp", "standard_normal_log_prob"]
@@ -94,6 +95,7 @@ def build_realnvp(
     scale_bound: float = 2.0,
     loc: Tensor | None = None,
     scale: Tensor | None = None,
+    whitening: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> RealNVPFlow:
     """Build a vector Real-NVP flow from hyper-parameters.
@@ -116,6 +118,10 @@ def build_realnvp(
         Soft bound on each coupling's log-scale.
     loc, scale : Tensor of shape (n_features,), optional
         If given, a :class:`~sknvp.transforms.Standardize` layer comes first.
+    whitening : Tensor of shape (n_features, n_features), optional
+        Lower-triangular Cholesky factor of the (standardised) data's covariance: if given, a
+        :class:`~sknvp.transforms.TriangularWhitening` layer follows the standardisation, so
+        the flow starts as a full-covariance Gaussian.
     generator : torch.Generator, optional
         Randomness for ``mask="random"`` (weights use the global RNG: fork it to seed them).
     """
@@ -125,6 +131,8 @@ def build_realnvp(
     layers: list[nn.Module] = []
     if loc is not None and scale is not None:
         layers.append(Standardize(loc, scale))
+    if whitening is not None:
+        layers.append(TriangularWhitening(whitening))
     for i, m in enumerate(masks):
         n_kept = int(m.sum())
         if 0 < n_kept < n_features:  # the conditioner sees only the kept features

@@ -19,6 +19,7 @@ __all__ = [
     "FlowSequential",
     "SplitAffineCoupling",
     "Standardize",
+    "TriangularWhitening",
 ]
 
 
@@ -261,6 +262,47 @@ class Standardize(nn.Module):
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         log_det = torch.log(self.scale).sum().expand(z.shape[0])
         return z * self.scale + self.loc, log_det
+
+
+class TriangularWhitening(nn.Module):
+    r"""Fixed linear map :math:`z = L^{-1} x` with :math:`L` lower-triangular (no parameters).
+
+    With :math:`L` the Cholesky factor of the data's covariance :math:`\Sigma = L L^\top`,
+    :math:`z` has identity covariance: each feature becomes the residual of its linear
+    regression on the features before it, in units of that residual's spread. Placed after
+    :class:`Standardize` (with :math:`L` the factor of the correlation matrix), it lets the
+    couplings start from a full-covariance Gaussian instead of a diagonal one. Its
+    log-determinant :math:`-\sum_j \log L_{jj}` is part of every log-density.
+
+    Parameters
+    ----------
+    chol : Tensor of shape (n_features, n_features)
+        Lower-triangular factor with a strictly positive diagonal (the upper triangle is
+        ignored).
+    """
+
+    def __init__(self, chol: Tensor) -> None:
+        super().__init__()
+        if chol.dim() != 2 or chol.shape[0] != chol.shape[1]:
+            raise ValueError(
+                f"TriangularWhitening needs a square matrix, got shape {tuple(chol.shape)}."
+            )
+        if not bool(torch.all(torch.diagonal(chol) > 0)):
+            raise ValueError("TriangularWhitening needs a strictly positive diagonal.")
+        chol = torch.tril(chol)
+        self.register_buffer("chol", chol.clone())
+
+    def _log_diag(self) -> Tensor:
+        return torch.log(torch.diagonal(self.chol)).sum()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # A triangular solve rather than a stored inverse: a stored inverse stops being the
+        # exact inverse of ``chol`` once both are rounded by a cast (float32 training).
+        z = torch.linalg.solve_triangular(self.chol, x.T, upper=False).T
+        return z, (-self._log_diag()).expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z @ self.chol.T, self._log_diag().expand(z.shape[0])
 
 
 class FlowSequential(nn.Sequential):

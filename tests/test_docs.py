@@ -108,10 +108,11 @@ def test_pipeline_offset_is_the_log_scale_sum():
                                atol=1e-6)
 
 
-def test_state_dict_recipe_of_the_persistence_page(tmp_path):
+@pytest.mark.parametrize("whiten", [False, True])
+def test_state_dict_recipe_of_the_persistence_page(tmp_path, whiten):
     """docs/user_guide/persistence.rst: rebuild with build_realnvp, load the weights."""
     X = np.random.RandomState(1).randn(100, 3) * [1.0, 10.0, 100.0]
-    flow = RealNVPDensity(**{**TINY, "n_couplings": 3, "mask": "random"}).fit(X)
+    flow = RealNVPDensity(**{**TINY, "n_couplings": 3, "mask": "random", "whiten": whiten}).fit(X)
     torch.save(flow.module_.state_dict(), tmp_path / "flow_weights.pt")
     state = torch.load(tmp_path / "flow_weights.pt")
     masks = torch.stack([v for k, v in state.items() if k.endswith(".mask")])
@@ -125,6 +126,7 @@ def test_state_dict_recipe_of_the_persistence_page(tmp_path):
         scale_bound=flow.scale_bound,
         loc=torch.zeros(flow.n_features_in_, dtype=torch.float64),
         scale=torch.ones(flow.n_features_in_, dtype=torch.float64),
+        whitening=torch.eye(flow.n_features_in_, dtype=torch.float64) if flow.whiten_ else None,
     ).double()
     module.load_state_dict(state)
     module.eval()
