@@ -65,8 +65,25 @@ class MLP(nn.Sequential):
         nn.init.zeros_(last.bias)
         super().__init__(*layers, last)
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102 - same as nn.Sequential
-        return super().forward(x)
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or x.requires_grad:
+            return super().forward(x)
+        # Without autograd, activations run in place on the fresh output of the layer before
+        # them: one less tensor the size of the hidden layer written and read per activation.
+        for i, layer in enumerate(self):
+            inplace = _INPLACE.get(type(layer)) if i > 0 else None
+            x = inplace(layer, x) if inplace is not None else layer(x)
+        return x
+
+
+# In-place forms of the registry's activations, used by MLP when autograd is off. The input
+# of an activation inside MLP is always the output of the Linear before it, never the caller's.
+_INPLACE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
+    nn.ReLU: lambda m, x: x.relu_(),
+    nn.Tanh: lambda m, x: x.tanh_(),
+    nn.LeakyReLU: lambda m, x: torch.nn.functional.leaky_relu_(x, m.negative_slope),
+    nn.ELU: lambda m, x: torch.nn.functional.elu_(x, m.alpha),
+}
 
 
 def zero_last_layer(module: nn.Module) -> None:

@@ -154,6 +154,25 @@ def test_random_masks_depend_only_on_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu", "elu", "gelu", "silu"])
+@pytest.mark.parametrize("sizes", [(), (16,), (16, 8)])
+def test_mlp_inference_path_matches_autograd_path_and_leaves_the_input(activation, sizes):
+    # Without autograd MLP runs its activations in place; it must give the same numbers and
+    # never write to the caller's tensor.
+    torch.manual_seed(0)
+    net = MLP(3, 4, sizes, activation)
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(20, 3)
+    kept = x.clone()
+    want = net(x).detach()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            got = net(x)
+        assert torch.equal(got, want)
+        assert torch.equal(x, kept)
+
+
 def test_every_parameter_gets_a_gradient():
     flow = _flow(3, 3, "alternating", "elu", True, 0).train()
     flow.log_prob(_inputs(3, 0, n=32)).mean().backward()
