@@ -19,7 +19,7 @@ __all__ = [
     "parity_mask",
 ]
 
-MASK_TYPES = ("alternating", "checkerboard", "fixed", "random")
+MASK_TYPES = ("alternating", "checkerboard", "fixed", "permuted", "random")
 
 
 def alternating_mask(n_features: int, parity: int = 0) -> Tensor:
@@ -66,6 +66,27 @@ def _random_masks(
     return masks
 
 
+def _permuted_masks(
+    n_couplings: int, n_features: int, generator: torch.Generator | None
+) -> Tensor:
+    masks = torch.zeros(n_couplings, n_features, dtype=torch.bool)
+    order = torch.arange(n_features)  # the first pair alternates the halves in index order
+    for i in range(n_couplings):
+        if i % 2 == 0:
+            if i > 0:
+                order = torch.randperm(n_features, generator=generator)
+            kept = torch.zeros(n_features, dtype=torch.bool)
+            kept[order[: n_features // 2]] = True
+            # Keeping what the coupling before kept would stack two affine maps of the same
+            # features on the same condition, which is one map: keep the complement then.
+            if i > 0 and bool((kept == masks[i - 1]).all()):
+                kept = ~kept
+        else:
+            kept = ~masks[i - 1]
+        masks[i] = kept
+    return masks
+
+
 def coupling_masks(
     kind: str, n_features: int, n_couplings: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -73,12 +94,17 @@ def coupling_masks(
 
     Parameters
     ----------
-    kind : {"alternating", "checkerboard", "fixed", "random"}
+    kind : {"alternating", "checkerboard", "fixed", "permuted", "random"}
         ``"alternating"`` keeps the first and the second half in turn; ``"checkerboard"`` keeps
         odd and even indices in turn; ``"fixed"`` keeps the same first half in every coupling
         (so those features are never transformed: kept to show why that fails);
-        ``"random"`` keeps a random ``n_features // 2`` subset per coupling drawn from
-        ``generator``.
+        ``"permuted"`` alternates the two halves of a permutation of the features: index
+        order for the first two couplings, then a fresh random permutation drawn from
+        ``generator`` for every later pair (so each pair transforms every feature, and
+        features are conditioned on different partners; with two features it equals
+        ``"alternating"``); ``"random"`` keeps an independent random ``n_features // 2``
+        subset per coupling drawn from ``generator`` (a feature can then be kept by every
+        coupling).
     n_features, n_couplings : int
         Shape of the stack.
     generator : torch.Generator, optional
@@ -86,6 +112,8 @@ def coupling_masks(
     """
     if kind == "random":
         return _random_masks(n_couplings, n_features, generator)
+    if kind == "permuted":
+        return _permuted_masks(n_couplings, n_features, generator)
     factory = {"alternating": alternating_mask, "checkerboard": parity_mask}
     if kind == "fixed":
         return alternating_mask(n_features, 0).expand(n_couplings, n_features).clone()

@@ -154,6 +154,31 @@ def test_random_masks_depend_only_on_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@settings(max_examples=40, deadline=None)
+@given(d=st.integers(1, 40), k=st.integers(1, 12), seed=seeds)
+def test_permuted_masks_alternate_halves_of_permutations(d, k, seed):
+    masks = coupling_masks("permuted", d, k, torch.Generator().manual_seed(seed))
+    assert masks.shape == (k, d) and masks.dtype == torch.bool
+    alt = coupling_masks("alternating", d, k)
+    assert torch.equal(masks[:2], alt[:2])  # the first pair is the index-order halves
+    for i in range(1, k):
+        if i % 2:  # within a pair: complements, so the pair transforms every feature
+            assert bool((masks[i] ^ masks[i - 1]).all())
+        elif d > 1:  # across pairs: never the same kept set twice in a row
+            assert not torch.equal(masks[i], masks[i - 1])
+        assert int(masks[i].sum()) in (d // 2, d - d // 2)
+    if d == 2:
+        assert torch.equal(masks, alt)
+
+
+def test_permuted_masks_depend_only_on_generator_and_do_permute():
+    a = coupling_masks("permuted", 10, 8, torch.Generator().manual_seed(1))
+    b = coupling_masks("permuted", 10, 8, torch.Generator().manual_seed(1))
+    c = coupling_masks("permuted", 10, 8, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, coupling_masks("alternating", 10, 8))
+
+
 @pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu", "elu", "gelu", "silu"])
 @pytest.mark.parametrize("sizes", [(), (16,), (16, 8)])
 def test_mlp_inference_path_matches_autograd_path_and_leaves_the_input(activation, sizes):

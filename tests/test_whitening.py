@@ -181,3 +181,20 @@ def test_parameter_constraints_name_exactly_the_parameters(cls):
     # The image estimator inherited a constraint for inference_dtype, which it does not take
     # (scikit-learn's check_param_validation asserts the two sets are equal).
     assert set(cls._parameter_constraints) == set(cls().get_params())
+
+
+def test_permuted_mask_in_the_estimator_is_seeded_and_equals_alternating_in_2d(rng):
+    X6 = _correlated(200, d=6)
+    kw = dict(TINY, n_couplings=6, max_iter=2, whiten=False)
+    a = RealNVPDensity(**kw, mask="permuted").fit(X6)
+    b = RealNVPDensity(**kw, mask="permuted").fit(X6)
+    masks = [m.mask for m in a.module_.modules() if hasattr(m, "mask")]
+    assert torch.equal(torch.stack(masks), torch.stack(
+        [m.mask for m in b.module_.modules() if hasattr(m, "mask")]))
+    assert not torch.equal(torch.stack(masks[2:]), torch.stack(
+        [m.mask for m in RealNVPDensity(**kw).fit(X6).module_.modules() if hasattr(m, "mask")][2:]))
+    X2 = rng.normal(size=(200, 2))
+    np.testing.assert_array_equal(
+        RealNVPDensity(**kw, mask="permuted").fit(X2).score_samples(X2),
+        RealNVPDensity(**kw).fit(X2).score_samples(X2),
+    )
