@@ -484,11 +484,15 @@ class RealNVPDensity(
             return self
         best = None
         specs = self._candidate_specs((sizes, mask), X.shape[1])
-        for spec in specs:
-            # Every candidate starts from the same seed: they differ only in their spec.
-            module = self._build_module(
-                X[train_idx], sample_weight[train_idx], *spec, seed
-            )
+        for i, spec in enumerate(specs):
+            # Every candidate starts from the same seed: they differ only in their spec. The
+            # data warnings of building (constant features) were given by the first build.
+            with warnings.catch_warnings():
+                if i > 0:
+                    warnings.simplefilter("ignore", UserWarning)
+                module = self._build_module(
+                    X[train_idx], sample_weight[train_idx], *spec, seed
+                )
             result = self._train(
                 module, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm
             )
