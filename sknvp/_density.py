@@ -27,6 +27,7 @@ from ._utils import TORCH_DTYPES, cast_module, derive_seed, map_batches, resolve
 from .flows import RealNVPFlow, build_realnvp
 from .masks import MASK_TYPES
 from .nets import ACTIVATIONS
+from .transforms import TriangularWhitening
 
 __all__ = ["RealNVPDensity"]
 
@@ -79,12 +80,10 @@ def _whitening_factor(X, sample_weight, loc, scale, reg: float = 1e-6) -> np.nda
     corr = (U * w[:, None]).T @ U
     corr = 0.5 * (corr + corr.T)
     eye = np.eye(len(corr))
-    while True:
+    while True:  # ends: corr is positive semi-definite with a diagonal of at most 1
         try:
             return np.linalg.cholesky(corr + reg * eye)
         except np.linalg.LinAlgError:
-            if reg >= 1.0:
-                return eye  # not reached for a finite correlation matrix; be safe anyway
             reg *= 10.0
 
 
@@ -496,9 +495,8 @@ class RealNVPDensity(
             result = self._train(
                 module, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm
             )
-            self._record_spec(spec)
             if self.verbose and len(specs) > 1:
-                print(f"{self._describe_spec(spec)}: best validation log-likelihood "
+                print(f"whiten={self.whiten_}: best validation log-likelihood "
                       f"{result.best_score:.4f}")
             if best is None or result.best_score > best[0].best_score:
                 best = (result, self._fitted_state())
@@ -507,12 +505,12 @@ class RealNVPDensity(
         self._warn_outcome(result)
         return self
 
-    def _record_spec(self, spec: tuple) -> None:
-        """Hook: store what a candidate spec was as fitted attributes."""
-        self.whiten_ = bool(spec[-1])
-
-    def _describe_spec(self, spec: tuple) -> str:
-        return f"whiten={bool(spec[-1])}"
+    @property
+    def whiten_(self) -> bool:
+        """Whether the fitted flow starts with the full-covariance whitening."""
+        if "module_" not in vars(self):
+            raise AttributeError("'whiten_' is set by fit")
+        return any(isinstance(m, TriangularWhitening) for m in self.module_.modules())
 
     def _fitted_state(self) -> dict:
         """The attributes a fit sets (to restore the better of several candidates)."""
@@ -624,8 +622,6 @@ class RealNVPDensity(
             module, X, sample_weight, idx, idx[:0], device, seed + 1, not first,
             max_iter=1, schedule="constant", keep_better=False,
         )
-        if first:
-            self._record_spec(spec)
         if result.diverged:
             self._warn_outcome(result)
         return self

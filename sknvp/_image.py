@@ -365,9 +365,6 @@ class RealNVPImageDensity(RealNVPDensity):
     def _candidate_specs(self, spec: tuple, n_features: int) -> list[tuple]:
         return [spec]  # one architecture: nothing to choose on the validation split
 
-    def _record_spec(self, spec: tuple) -> None:
-        pass
-
     def _build_module(self, X, sample_weight, shape, n_scales, seed: int):
         with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

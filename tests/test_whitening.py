@@ -214,3 +214,9 @@ def test_auto_warns_about_a_constant_feature_once(rng):
     constant = [w for w in caught if "constant" in str(w.message)]
     assert len(constant) == 1
     assert np.all(np.isfinite(est.score_samples(X)))
+
+
+def test_whiten_attribute_exists_only_after_fit():
+    est = RealNVPDensity(**TINY, max_iter=1)
+    assert not hasattr(est, "whiten_")
+    assert est.fit(_correlated(50, d=3)).whiten_ in (True, False)
