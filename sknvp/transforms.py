@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .nets import tanh_
+
 __all__ = [
     "AffineCoupling",
     "BatchNormFlow",
@@ -25,6 +27,14 @@ __all__ = [
 
 def _sum_except_batch(x: Tensor) -> Tensor:
     return x.sum(dim=tuple(range(1, x.dim())))
+
+
+def _bounded_log_scale(raw_s: Tensor, bound: float) -> Tensor:
+    """:math:`\beta \tanh(\tilde s / \beta)`; without autograd in place on a fresh tensor,
+    with the faster CPU tanh (inference spent a sixth of its time in ``tanh`` at 50-D)."""
+    if torch.is_grad_enabled():
+        return torch.tanh(raw_s * (1.0 / bound)) * bound
+    return tanh_(raw_s * (1.0 / bound)).mul_(bound)
 
 
 class AffineCoupling(nn.Module):
@@ -86,7 +96,10 @@ class AffineCoupling(nn.Module):
     def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
         raw_s, t = self.conditioner(x_kept).chunk(2, dim=1)
         # s and t are zeroed on kept positions (tanh(0) = 0), so those stay as they are.
-        s = torch.tanh(raw_s * (1.0 / self.scale_bound)) * self._free_bound
+        if torch.is_grad_enabled():
+            s = torch.tanh(raw_s * (1.0 / self.scale_bound)) * self._free_bound
+        else:
+            s = _bounded_log_scale(raw_s, self.scale_bound).mul_(self._free)
         return s, t * self._free
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,7 +179,7 @@ class SplitAffineCoupling(AffineCoupling):
 
     def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
         raw_s, t = self.conditioner(x_kept).chunk(2, dim=1)
-        return torch.tanh(raw_s * (1.0 / self.scale_bound)) * self.scale_bound, t
+        return _bounded_log_scale(raw_s, self.scale_bound), t
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_kept, x_free = self._split(x)

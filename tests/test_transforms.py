@@ -8,8 +8,14 @@ from strategies import activations, mask_kinds, n_couplings, n_features, randomi
 
 from sknvp.flows import build_realnvp
 from sknvp.masks import alternating_mask, coupling_masks, parity_mask
-from sknvp.nets import MLP
-from sknvp.transforms import AffineCoupling, BatchNormFlow, FlowSequential, Standardize
+from sknvp.nets import MLP, tanh_
+from sknvp.transforms import (
+    AffineCoupling,
+    BatchNormFlow,
+    FlowSequential,
+    SplitAffineCoupling,
+    Standardize,
+)
 
 ATOL = 1e-9
 
@@ -194,8 +200,54 @@ def test_mlp_inference_path_matches_autograd_path_and_leaves_the_input(activatio
     for context in (torch.no_grad, torch.inference_mode):
         with context():
             got = net(x)
-        assert torch.equal(got, want)
+        if activation == "tanh":  # in place as 2 sigmoid(2x) - 1: equal to rounding
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(got, want)
         assert torch.equal(x, kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_tanh_is_tanh_to_rounding_and_in_place(dtype):
+    x = torch.cat([
+        torch.linspace(-30, 30, 20001, dtype=dtype),
+        torch.tensor([0.0, -0.0], dtype=dtype),
+        torch.logspace(-30, 0, 61, dtype=dtype),
+    ])
+    y = x.clone()
+    out = tanh_(y)
+    assert out is y
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out, torch.tanh(x), rtol=0, atol=2 * eps)
+    assert out.abs().max() <= 1 and torch.equal(out[x == 0], torch.zeros_like(out[x == 0]))
+    assert torch.isnan(tanh_(torch.tensor([float("nan")], dtype=dtype))).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_coupling_inference_matches_the_training_graph(masked):
+    # Without autograd the log-scale bound runs in place with the CPU tanh of sknvp.nets; the
+    # map and log-det must be those of the autograd path to rounding, and the input untouched.
+    torch.manual_seed(0)
+    mask = torch.tensor([True, False, True, False, False])
+    if masked:
+        layer = AffineCoupling(mask, MLP(5, 10, (16,), "relu"), scale_bound=1.5)
+    else:
+        layer = SplitAffineCoupling(mask, MLP(2, 6, (16,), "relu"), scale_bound=1.5)
+    for p in layer.conditioner.parameters():
+        torch.nn.init.normal_(p, std=2.0)  # raw log-scales well into the bound's saturation
+    x = torch.randn(64, 5, dtype=torch.float64)
+    layer = layer.double()
+    kept = x.clone()
+    z_grad, ld_grad = layer(x.requires_grad_(False))
+    with torch.inference_mode():
+        z, ld = layer(x)
+        x_back, ld_back = layer.inverse(z)
+    assert torch.equal(x, kept)
+    torch.testing.assert_close(z, z_grad.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ld, ld_grad.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ld_back, -ld, rtol=0, atol=1e-12)
+    assert ld_grad.detach().abs().max() > 1.0  # the bound was exercised
 
 
 def test_every_parameter_gets_a_gradient():
