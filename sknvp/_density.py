@@ -794,7 +794,9 @@ class RealNVPDensity(
         n_samples : int, default=1
             Number of samples (0 gives an empty array).
         random_state : int, RandomState instance or None, default=None
-            Seed for this draw; ``None`` uses numpy's global random state.
+            Seed for this draw; ``None`` uses numpy's global random state. On CPU a longer
+            draw with the same seed begins with the rows of a shorter one, and the inference
+            dtype changes the samples only by its rounding.
         temperature : float, default=1.0
             Standard deviation of the latent normal; below 1 gives more typical samples.
             Must be positive and finite; one so large that samples overflow the inference
