@@ -814,7 +814,7 @@ class RealNVPDensity(
         # The latent draw is float64 whatever the inference dtype, so a seed gives the same
         # samples (to float32 precision) in either. On CPU it is numpy's ziggurat, drawn into
         # the output array (twice as fast as torch's float64 normal, and no extra memory).
-        on_cpu = torch.device(self.device_).type == "cpu"
+        on_cpu = self.device_.type == "cpu"
         if on_cpu:
             np.random.default_rng(seed).standard_normal(out=z)
         else:

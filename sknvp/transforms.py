@@ -30,7 +30,7 @@ def _sum_except_batch(x: Tensor) -> Tensor:
 
 
 def _bounded_log_scale(raw_s: Tensor, bound: float) -> Tensor:
-    """:math:`\beta \tanh(\tilde s / \beta)`; without autograd in place on a fresh tensor,
+    r""":math:`\beta \tanh(\tilde s / \beta)`; without autograd in place on a fresh tensor,
     with the faster CPU tanh (inference spent a sixth of its time in ``tanh`` at 50-D)."""
     if torch.is_grad_enabled():
         return torch.tanh(raw_s * (1.0 / bound)) * bound
