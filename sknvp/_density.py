@@ -224,7 +224,11 @@ class RealNVPDensity(
     validation_fraction : float, default=0.1
         Fraction of rows held out when ``early_stopping`` is on.
     n_iter_no_change : int, default=20
-        Epochs without an improvement of at least ``tol`` before stopping.
+        Epochs without an improvement of at least ``tol`` before stopping. A plateau
+        reached while the learning rate is still above a tenth of ``learning_rate_init``
+        does not stop training: the best weights so far are restored, the learning rate is
+        divided by 10 for the rest of the fit, and the count starts again (at most once per
+        :meth:`fit`).
     tol : float, default=1e-4
         Minimum improvement (nats per sample) that counts.
     warm_start : bool, default=False
@@ -270,6 +274,9 @@ class RealNVPDensity(
         Number of epochs run (summed over warm-started fits).
     converged_ : bool
         Whether the stopping rule fired before ``max_iter``.
+    lr_drops_ : list of int
+        Epochs (0-based, counted within the last :meth:`fit`) at which a plateau divided the
+        learning rate by 10 (see ``n_iter_no_change``).
 
     See Also
     --------
@@ -642,6 +649,7 @@ class RealNVPDensity(
             result.best_score if result.validation_scores else None
         )
         self.converged_ = result.converged
+        self.lr_drops_ = list(result.lr_drops)
 
     def _warn_outcome(self, result) -> None:
         if result.diverged:

@@ -160,6 +160,9 @@ class RealNVPImageDensity(RealNVPDensity):
         Best of ``validation_scores_``.
     converged_ : bool
         Whether training stopped because the monitored score stopped improving.
+    lr_drops_ : list of int
+        Epochs of the last :meth:`fit` at which a plateau divided the learning rate by 10
+        (see ``n_iter_no_change`` in :class:`~sknvp.RealNVPDensity`).
 
     See Also
     --------

@@ -27,6 +27,7 @@ class TrainResult:
     diverged: bool = False
     interrupted: bool = False
     skipped_steps: int = 0
+    lr_drops: list[int] = field(default_factory=list)
     fit_seconds: float = 0.0
 
 
@@ -137,13 +138,18 @@ def fit_flow(
     print_fn: Callable[[str], None] = print,
     transform_batch: Callable[[Tensor], Tensor] | None = None,
     keep_better: bool = True,
+    plateau_factor: float = 0.1,
 ) -> tuple[TrainResult, torch.optim.Optimizer]:
     """Train ``module`` by minimising the mean negative log-likelihood with Adam.
 
     Stops after ``max_iter`` epochs, or when the monitored quantity (the validation
     log-likelihood if ``x_valid`` is given, else the training loss) has not improved by ``tol``
-    for ``n_iter_no_change`` epochs. With ``x_valid`` the weights of the best validation epoch
-    are restored at the end; without, the final weights are kept unless those of the best
+    for ``n_iter_no_change`` epochs while the learning rate is at most ``plateau_factor`` times
+    ``learning_rate_init``. A plateau at a higher learning rate is taken for noise of the
+    step size rather than convergence: the best weights so far are restored, every later
+    learning rate is multiplied by ``plateau_factor`` and the count starts again
+    (``plateau_factor=1`` turns this off: the first plateau stops). With ``x_valid`` the
+    weights of the best validation epoch are restored at the end; without, the final weights are kept unless those of the best
     training epoch fit the training data better.
     A batch whose loss is not finite is skipped; an epoch that leaves non-finite weights or
     loss ends training with the best finite weights restored (``diverged``). A
@@ -158,6 +164,8 @@ def fit_flow(
 
     Returns the :class:`TrainResult` and the optimizer (to resume training later).
     """
+    if not 0 < plateau_factor <= 1:
+        raise ValueError(f"plateau_factor must be in (0, 1], got {plateau_factor!r}.")
     if optimizer is None:
         optimizer = make_adam(module.parameters(), learning_rate_init, alpha)
     result = TrainResult()
@@ -168,10 +176,12 @@ def fit_flow(
         _validation_score(module, x_valid, w_valid) if monitor_valid else -math.inf
     )
     no_improvement = 0
+    lr_factor = 1.0
     try:
         for epoch in range(max_iter):
+            lr = lr_factor * _learning_rate(learning_rate, learning_rate_init, epoch, max_iter)
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(learning_rate, learning_rate_init, epoch, max_iter)
+                group["lr"] = lr
             # Without validation the epoch's loss was measured on the weights *during* the
             # epoch, so it is paired with the weights at the epoch's start.
             at_start = (
@@ -200,8 +210,20 @@ def fit_flow(
                 extra = f", validation score = {score:.5f}" if monitor_valid else ""
                 print_fn(f"Epoch {epoch + 1}, loss = {loss:.5f}{extra}")
             if no_improvement >= n_iter_no_change:
-                result.converged = True
-                break
+                if lr <= plateau_factor * learning_rate_init * (1 + 1e-9):
+                    result.converged = True
+                    break
+                # Still a large step size: restart from the best weights with smaller steps.
+                module.load_state_dict(best_state)
+                lr_factor *= plateau_factor
+                no_improvement = 0
+                result.lr_drops.append(epoch)
+                if verbose:
+                    print_fn(
+                        f"Epoch {epoch + 1}: no improvement for {n_iter_no_change} epochs at "
+                        f"learning rate {lr:.3g}; best weights restored, learning rate x "
+                        f"{plateau_factor:g}"
+                    )
     except KeyboardInterrupt:
         result.interrupted = True
     if monitor_valid or result.diverged or result.interrupted:

@@ -360,6 +360,18 @@ def test_unavailable_device_is_a_clear_error(moons):
         RealNVPDensity(**{**FAST, "device": "cuda"}).fit(moons[0])
 
 
+def test_a_plateau_at_the_initial_learning_rate_lowers_it_before_stopping(moons):
+    # With a constant schedule every plateau starts at learning_rate_init, above a tenth of
+    # it: the first one must lower the rate (and restore the best weights), not stop.
+    params = {**FAST, "learning_rate": "constant", "n_iter_no_change": 2, "max_iter": 200}
+    est = RealNVPDensity(**params).fit(moons[0])
+    assert est.converged_
+    (drop,) = est.lr_drops_
+    assert est.n_iter_ >= drop + 1 + est.n_iter_no_change
+    best = int(np.argmax(est.validation_scores_))
+    assert est.best_validation_score_ == est.validation_scores_[best]
+
+
 def test_partial_fit_continues_training(moons):
     est = RealNVPDensity(**FAST)
     for _ in range(3):

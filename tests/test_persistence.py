@@ -72,6 +72,7 @@ def assert_same_model(a, b, X):
         "validation_scores_",
         "best_validation_score_",
         "converged_",
+        "lr_drops_",
         "device_",
     ):
         assert getattr(a, name) == getattr(b, name), name

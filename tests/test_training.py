@@ -1,0 +1,93 @@
+"""The training loop's stopping rule (``sknvp._training.fit_flow``) on modules whose validation
+curve is known in advance."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sknvp._training import fit_flow
+
+
+class GaussianMean(nn.Module):
+    """Unit-variance Gaussian with a learnable mean: the smallest module with ``log_prob``."""
+
+    def __init__(self, mean: float = 0.0) -> None:
+        super().__init__()
+        self.mean = nn.Parameter(torch.tensor([mean], dtype=torch.float64))
+
+    def log_prob(self, x):
+        return -0.5 * ((x[:, 0] - self.mean) ** 2) - 0.5 * math.log(2 * math.pi)
+
+
+class Flat(GaussianMean):
+    """A log-density that does not depend on the parameter: every epoch is a plateau."""
+
+    def log_prob(self, x):
+        return -0.5 * x[:, 0] ** 2 + 0.0 * self.mean
+
+
+def _data(loc, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return loc + torch.randn(n, 1, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_plateau_at_a_large_step_size_lowers_it_once_before_stopping(schedule):
+    x = _data(0.0)
+    result, optimizer = fit_flow(
+        Flat(), x, x_valid=x, max_iter=200, batch_size=16, learning_rate_init=1e-2,
+        learning_rate=schedule, n_iter_no_change=5, generator=torch.Generator().manual_seed(0),
+    )
+    # Epochs 0-4 without improvement: the rate is still the initial one, so it is divided
+    # by ten and counting restarts; the second plateau (epochs 5-9) ends training.
+    assert result.lr_drops == [4]
+    assert result.converged and result.n_iter == 10
+    expected = 1e-3 if schedule == "constant" else 1e-3 * 0.5 * (1 + math.cos(math.pi * 9 / 200))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_plateau_factor_one_stops_at_the_first_plateau():
+    x = _data(0.0)
+    result, _ = fit_flow(
+        Flat(), x, x_valid=x, max_iter=200, batch_size=16, learning_rate_init=1e-2,
+        learning_rate="constant", n_iter_no_change=5, plateau_factor=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result.lr_drops == [] and result.converged and result.n_iter == 5
+
+
+def test_a_late_plateau_of_the_cosine_schedule_stops_without_a_drop():
+    # With 20 epochs the cosine rate is below a tenth of the initial one from epoch 16 on;
+    # a plateau counted to epoch 17 then ends training as before.
+    x = _data(0.0)
+    flat = Flat()
+    result, _ = fit_flow(
+        flat, x, x_valid=x, max_iter=20, batch_size=16, learning_rate_init=1e-2,
+        learning_rate="cosine", n_iter_no_change=18, generator=torch.Generator().manual_seed(0),
+    )
+    assert 0.5 * (1 + math.cos(math.pi * 17 / 20)) < 0.1 < 0.5 * (1 + math.cos(math.pi * 15 / 20))
+    assert result.lr_drops == [] and result.converged and result.n_iter == 18
+
+
+def test_the_drop_restarts_from_the_best_weights():
+    # Training pulls the mean towards 3 while the validation rows sit at 0: the initial
+    # weights are the best ones, so the drop must put the mean back at 0 and the next epoch
+    # must score far better than the one before the drop.
+    x_train, x_valid = _data(3.0, seed=1), _data(0.0, seed=2)
+    module = GaussianMean(0.0)
+    result, _ = fit_flow(
+        module, x_train, x_valid=x_valid, max_iter=200, batch_size=8, learning_rate_init=0.1,
+        learning_rate="constant", n_iter_no_change=3, generator=torch.Generator().manual_seed(0),
+    )
+    (drop,) = result.lr_drops
+    scores = result.validation_scores
+    assert drop == 2 and result.n_iter == 6
+    assert scores[drop + 1] > scores[drop] + 0.5
+    assert module.mean.detach().item() == 0.0  # the best (initial) weights are restored at the end
+
+
+def test_plateau_factor_is_checked():
+    with pytest.raises(ValueError, match="plateau_factor"):
+        fit_flow(Flat(), _data(0.0), max_iter=1, plateau_factor=0.0)
