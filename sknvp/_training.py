@@ -149,8 +149,8 @@ def fit_flow(
     step size rather than convergence: the best weights so far are restored, every later
     learning rate is multiplied by ``plateau_factor`` and the count starts again
     (``plateau_factor=1`` turns this off: the first plateau stops). With ``x_valid`` the
-    weights of the best validation epoch are restored at the end; without, the final weights are kept unless those of the best
-    training epoch fit the training data better.
+    weights of the best validation epoch are restored at the end; without, the final weights
+    are kept unless those of the best training epoch fit the training data better.
     A batch whose loss is not finite is skipped; an epoch that leaves non-finite weights or
     loss ends training with the best finite weights restored (``diverged``). A
     ``KeyboardInterrupt`` also restores the best weights (``interrupted``).

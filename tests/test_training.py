@@ -36,10 +36,18 @@ def _data(loc, n=64, seed=0):
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_a_plateau_at_a_large_step_size_lowers_it_once_before_stopping(schedule):
     x = _data(0.0)
+    lines = []
     result, optimizer = fit_flow(
         Flat(), x, x_valid=x, max_iter=200, batch_size=16, learning_rate_init=1e-2,
         learning_rate=schedule, n_iter_no_change=5, generator=torch.Generator().manual_seed(0),
+        verbose=1, print_fn=lines.append,
     )
+    lr_at_drop = 1e-2 * (1 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * 4 / 200)))
+    expected_line = (
+        f"Epoch 5: no improvement for 5 epochs at learning rate {lr_at_drop:.3g}; "
+        "best weights restored, learning rate x 0.1"
+    )
+    assert [line for line in lines if "learning rate x 0.1" in line] == [expected_line]
     # Epochs 0-4 without improvement: the rate is still the initial one, so it is divided
     # by ten and counting restarts; the second plateau (epochs 5-9) ends training.
     assert result.lr_drops == [4]
