@@ -866,6 +866,9 @@ class RealNVPDensity(
                 dev = torch.device("cpu")
             state["device_"] = dev
             state["module_"] = state["module_"].to(dev)
+        if "module_" in state:
+            # Fitted before plateaus could lower the learning rate: none did.
+            state.setdefault("lr_drops_", [])
         super().__setstate__(state)
 
     @property

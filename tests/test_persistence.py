@@ -95,6 +95,15 @@ def test_pickling_does_not_mutate_the_live_model(fitted, data):
     np.testing.assert_array_equal(fitted.score_samples(data), before)
 
 
+def test_a_pickle_from_before_lr_drops_loads_with_none_recorded(fitted, data):
+    state = fitted.__getstate__()
+    del state["lr_drops_"]  # what a model pickled by sknvp before the plateau rule holds
+    old = RealNVPDensity.__new__(RealNVPDensity)
+    old.__setstate__(state)
+    assert old.lr_drops_ == []
+    np.testing.assert_array_equal(old.score_samples(data), fitted.score_samples(data))
+
+
 def test_deepcopy_twice(fitted, data):
     twice = copy.deepcopy(copy.deepcopy(fitted))
     assert isinstance(twice.device_, torch.device)
