@@ -748,10 +748,15 @@ def _line_panel(ax, axis, entries, col, label=None, **kw) -> None:
     ax.minorticks_off()
 
 
-def _plain_log_labels(ax) -> None:
-    """Label a log y axis with plain numbers (0.1, 1) rather than powers of ten."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+def _plain_log_labels(ax, values=()) -> None:
+    """Label a log y axis with plain numbers (0.1, 1) rather than powers of ten; when
+    ``values`` span less than two decades, also at 2 and 5 times each power of ten, so that
+    a panel within one decade still has labelled ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    positive = [v for v in values if np.isfinite(v) and v > 0]
+    if positive and np.log10(max(positive) / min(positive)) < 2:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
@@ -760,7 +765,7 @@ def _gap_scale(ax, gaps) -> None:
     """Log scale for positive gaps; symmetric log with readable ticks when some are <= 0."""
     if min(gaps) > 0:
         ax.set_yscale("log")
-        _plain_log_labels(ax)
+        _plain_log_labels(ax, gaps)
         return
     ax.set_yscale("symlog", linthresh=0.01)
     top = max(max(gaps), 0.01)
@@ -798,15 +803,17 @@ def _metric_figure(out, cfg, summary, axis, metrics, name, hline=None) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, (col, ylabel, log) in zip(axes[0], metrics, strict=False):
+        shown = []
         for s in cfg.sets:
             entries = [e for e in summary if e["axis"] == axis and e["set"] == s]
             if entries:
                 _line_panel(ax, axis, entries, col, s)
+                shown += [e[f"{col}_mean"] for e in entries]
         if hline is not None:
             ax.axhline(hline, color="k", ls="--", lw=1)
         if log:
             ax.set_yscale("log")
-            _plain_log_labels(ax)
+            _plain_log_labels(ax, shown)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.set_xlabel(_AXIS_LABELS[axis], fontsize=9)
     axes[0, 0].legend(fontsize=8)

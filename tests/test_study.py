@@ -160,3 +160,28 @@ def test_rerun_uses_the_cache_and_report_only_skips_missing_fits(tiny_study, tmp
     partial = run_study(cfg, copy, log=lines.append, report_only=True)
     assert 0 < len(partial) < len(rows)
     assert (copy / "lines_couplings.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("gaps", [[0.44, 0.52, 0.61], [0.15, 0.35], [0.002, 0.2]])
+def test_a_gap_panel_within_a_decade_still_has_labelled_ticks(gaps):
+    # The activation figure's circles and spiral4 panels (gaps 0.15-0.35, 0.44-0.61) had no
+    # tick label at all: only powers of ten were labelled, and none fell in their range.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sknvp.study import _gap_scale
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2][: len(gaps)], gaps)
+    _gap_scale(ax, gaps)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    labels = [
+        t.get_text() for t, v in zip(ax.get_yticklabels(), ax.get_yticks(), strict=True)
+        if lo <= v <= hi and t.get_text()
+    ]
+    plt.close(fig)
+    assert len(labels) >= 2, labels
+    assert all("10^" not in text and "e" not in text for text in labels), labels
