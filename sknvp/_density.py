@@ -673,13 +673,14 @@ class RealNVPDensity(
                 stacklevel=4,
             )
         elif _unstable(result):
+            curve = _since_last_drop(result)[0] or result.loss_curve
             kept = (
                 f"the weights of epoch {result.best_epoch + 1}"
                 if result.best_epoch >= 0 else "the initial weights"
             )
             warnings.warn(
-                f"Training was unstable: the training loss ended at {result.loss_curve[-1]:.3g}"
-                f" nats per sample (best {min(result.loss_curve):.3g}); kept {kept}."
+                f"Training was unstable: the training loss ended at {curve[-1]:.3g}"
+                f" nats per sample (best {min(curve):.3g}); kept {kept}."
                 f" Lower learning_rate_init (now {self.learning_rate_init:g}) or scale_bound.",
                 ConvergenceWarning,
                 stacklevel=4,
@@ -915,11 +916,22 @@ def _check_temperature(temperature) -> float:
 
 def _unstable(result) -> bool:
     """Training blew up without non-finite values: the training loss ended more than 1 nat
-    above its best, or no epoch beat the initial weights and validation fell over 1 nat."""
-    curve, valid = result.loss_curve, result.validation_scores
+    above its best, or no epoch beat the initial weights and validation fell over 1 nat.
+
+    Only the epochs after the last learning-rate drop count: a drop restores the best weights,
+    so the curves restart from there (a loss that overfitting had pushed down jumps back up),
+    and what came before the drop has already been undone.
+    """
+    curve, valid = _since_last_drop(result)
     rose = bool(curve) and curve[-1] > min(curve) + 1.0
     never = result.best_epoch < 0 and bool(valid) and min(valid) < result.best_score - 1.0
     return rose or never
+
+
+def _since_last_drop(result) -> tuple[list, list]:
+    """The training losses and validation scores of the epochs after the last drop."""
+    start = result.lr_drops[-1] + 1 if result.lr_drops else 0
+    return result.loss_curve[start:], result.validation_scores[start:]
 
 
 def _state_to_cpu(state):

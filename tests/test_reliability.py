@@ -730,6 +730,37 @@ def test_no_unstable_warning_on_gaussian_data_where_the_initial_model_is_best():
     assert msgs == []
 
 
+def test_loss_jump_after_a_learning_rate_drop_is_not_called_unstable():
+    """A drop restores the best weights: a training loss that overfitting had pushed below
+    them jumps back up. That is the restore, not instability (the plateau rule's curves)."""
+    est = RealNVPDensity(**TINY)
+    fields = dict(
+        loss_curve=[7.1, 6.2, 5.5, 7.1, 7.08, 7.07],
+        validation_scores=[-6.7, -9.0, -60.0, -6.66, -6.66, -6.66],
+        n_iter=6,
+        best_epoch=3,
+        best_score=-6.66,
+        converged=True,
+        lr_drops=[2],
+    )
+    assert _outcome_warnings(est, **fields) == []
+    # The same rise after the last drop is still reported, with that stretch's figures.
+    fields["loss_curve"] = [7.1, 6.2, 5.5, 5.0, 5.5, 7.07]
+    msgs = _outcome_warnings(est, **fields)
+    assert any("unstable" in m and "ended at 7.07" in m and "best 5)" in m for m in msgs), msgs
+
+
+def test_overfitting_tiny_data_restored_by_a_drop_is_not_called_unstable():
+    """50 Gaussian rows in 5-D: the flow overfits from the first epoch, the plateau rule
+    restores the initial weights and trains on at a tenth of the rate; no instability."""
+    X = np.random.default_rng(0).normal(size=(50, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = RealNVPDensity(max_iter=60, whiten=False, random_state=0, device="cpu").fit(X)
+    assert est.lr_drops_  # the case this test is about
+    assert not [w for w in caught if "unstable" in str(w.message)]
+
+
 def test_ordinary_training_is_not_called_unstable():
     _, caught = _fit_recording(_moons(), learning_rate_init=5e-3)
     assert not [w for w in caught if "unstable" in str(w.message)]
