@@ -110,3 +110,31 @@ def test_merge_reruns_one_method_and_keeps_the_rest(quick_run):
             assert moons_after["methods"][name] == moons_before["methods"][name]
     assert after["merged_runs"][-1]["cells"] == [f"{bench.GMM} on {moons_after['label']}"]
     assert "Rerun with `--merge`" in doc.read_text()
+
+
+BUDGET_SCRIPT = SCRIPT.with_name("bench_budget.py")
+
+
+def test_budget_script_quick_run_and_resume(tmp_path):
+    # The budget script fits every budget, writes its table into the doc's block, and a resumed
+    # run keeps the cells it has instead of refitting them.
+    spec = importlib.util.spec_from_file_location("bench_budget", BUDGET_SCRIPT)
+    budget = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(budget)
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n{budget.BEGIN}\nold\n{budget.END}\n")
+    argv = ["--quick", "--sets", "moons", "--jobs", "1", "--out", str(tmp_path), "--doc", str(doc)]
+    results = budget.main(argv)
+    cells = results["cells"]
+    assert {c["budget"] for c in cells.values()} == set(budget.BUDGETS)
+    for cell in cells.values():
+        assert math.isfinite(cell["loglik"]) and math.isfinite(cell["loglik_train"])
+        assert cell["n_iter"] == 2 and cell["fit_cpu_s"] > 0
+        assert -0.4 < cell["ceiling"] < -0.2
+    large = next(c for c in cells.values() if c["budget"] == "large")
+    assert large["params"]["n_couplings"] == 16
+    text = doc.read_text()
+    assert "old" not in text and text.count("| two moons") == 1 and "large (16 x" in text
+    stamp = {k: c["fit_wall_s"] for k, c in cells.items()}
+    again = budget.main([*argv, "--resume"])
+    assert {k: c["fit_wall_s"] for k, c in again["cells"].items()} == stamp
