@@ -198,7 +198,8 @@ def _references(compare_json: Path) -> dict:
 
 def render_markdown(results: dict, refs: dict) -> str:
     cells = results["cells"].values()
-    sets = list(dict.fromkeys(c["set"] for c in cells))
+    order = {name: i for i, name in enumerate((*SETS, *QUICK_SETS))}
+    sets = sorted({c["set"] for c in cells}, key=lambda name: (order.get(name, len(order)), name))
     budgets = [b for b in BUDGETS if any(c["budget"] == b for c in cells)]
     seeds = sorted({c["seed"] for c in cells})
     env = results["environment"]
