@@ -22,12 +22,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._compat import Interval, StrOptions, _fit_context, check_sample_weight
-from ._training import fit_flow, make_adam
+from ._training import fit_flow, fresh_noise_adder, make_adam
 from ._utils import TORCH_DTYPES, cast_module, derive_seed, map_batches, resolve_device
 from .flows import RealNVPFlow, build_realnvp
 from .masks import MASK_TYPES
 from .nets import ACTIVATIONS
-from .transforms import TriangularWhitening
+from .transforms import Standardize, TriangularWhitening
 
 __all__ = ["RealNVPDensity"]
 
@@ -218,6 +218,13 @@ class RealNVPDensity(
         Learning-rate schedule over the ``max_iter`` epochs.
     alpha : float, default=0.0
         L2 penalty (Adam weight decay).
+    input_noise : float, default=0.0
+        Standard deviation of Gaussian noise added afresh to every training minibatch, in
+        units of each feature's standard deviation (noise regularisation). It smooths the
+        fitted density, which removes the "holes" a flow can tear between training rows on
+        small data (a held-out row in one can score thousands of nats below the rest), at
+        the price of a density widened by that much noise. Validation rows are scored as
+        given. 0.05 is a reasonable value to try; see the ablation in the documentation.
     early_stopping : bool, default=True
         Hold out ``validation_fraction`` of the rows, stop when their log-likelihood stops
         improving and restore the best weights.
@@ -321,6 +328,7 @@ class RealNVPDensity(
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
         "learning_rate": [StrOptions({"cosine", "constant"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
+        "input_noise": [Interval(Real, 0, None, closed="left")],
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
@@ -348,6 +356,7 @@ class RealNVPDensity(
         learning_rate_init=1e-3,
         learning_rate="cosine",
         alpha=0.0,
+        input_noise=0.0,
         early_stopping=True,
         validation_fraction=0.1,
         n_iter_no_change=20,
@@ -371,6 +380,7 @@ class RealNVPDensity(
         self.learning_rate_init = learning_rate_init
         self.learning_rate = learning_rate
         self.alpha = alpha
+        self.input_noise = input_noise
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
@@ -535,9 +545,16 @@ class RealNVPDensity(
             return x, None
         return x, torch.as_tensor(weights, device=device).to(dtype)
 
-    def _batch_transform(self, generator: torch.Generator):
-        """Hook: a map applied to each training minibatch (None = data as given)."""
-        return None
+    def _batch_transform(self, generator: torch.Generator, module: torch.nn.Module):
+        """Hook: a map applied to each training minibatch (None = data as given): here
+        Gaussian noise of ``input_noise`` times each feature's standard deviation."""
+        if not self.input_noise:
+            return None
+        scale = next(m.scale for m in module.modules() if isinstance(m, Standardize))
+        std = scale.detach() * self.input_noise
+        return fresh_noise_adder(generator, lambda x, gen: std * torch.randn(
+            x.shape, generator=gen, device=x.device, dtype=x.dtype
+        ))
 
     def _resume_optimizer(self, work) -> torch.optim.Optimizer | None:
         state = getattr(self, "_optimizer_state", None)
@@ -582,7 +599,7 @@ class RealNVPDensity(
             alpha=self.alpha, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
             generator=generator, optimizer=optimizer, verbose=self.verbose,
             print_fn=self._epoch_printer(X.shape[1]),
-            transform_batch=self._batch_transform(generator), keep_better=keep_better,
+            transform_batch=self._batch_transform(generator, work), keep_better=keep_better,
         )
         self._set_fitted(work, optimizer, result, device, warm)
         return result

@@ -21,6 +21,7 @@ from ._density import (
     _check_temperature,
     _undo_input_attrs_on_error,
 )
+from ._training import fresh_noise_adder
 from ._utils import TORCH_DTYPES, derive_seed
 from .multiscale import auto_n_scales, build_multiscale, check_n_scales
 
@@ -199,7 +200,10 @@ class RealNVPImageDensity(RealNVPDensity):
         **{
             k: v
             for k, v in RealNVPDensity._parameter_constraints.items()
-            if k not in ("n_couplings", "hidden_layer_sizes", "mask", "whiten", "inference_dtype")
+            if k not in (
+                "n_couplings", "hidden_layer_sizes", "mask", "whiten", "inference_dtype",
+                "input_noise",  # images get dequantisation noise instead
+            )
         },
         "image_shape": [None, tuple, list],
         "n_levels": [Interval(Integral, 2, None, closed="left")],
@@ -393,20 +397,14 @@ class RealNVPImageDensity(RealNVPDensity):
                 "Pass images in level units, e.g. 0..255 for 8-bit images."
             )
 
-    def _batch_transform(self, generator: torch.Generator):
+    def _batch_transform(self, generator: torch.Generator, module):
         """Fresh uniform dequantisation noise for each training batch (None when off)."""
         if not self.dequantize:
             return None
-        seed = int(torch.randint(2**62, (1,), generator=generator))
-        generators: dict = {}
-
-        def add_noise(x: torch.Tensor) -> torch.Tensor:
-            gen = generators.get(x.device)
-            if gen is None:
-                gen = generators[x.device] = torch.Generator(x.device).manual_seed(seed)
-            return x + torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-
-        return add_noise
+        return fresh_noise_adder(
+            generator,
+            lambda x, gen: torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype),
+        )
 
     def _dequantize_validation(self, X, valid_idx, seed: int) -> np.ndarray:
         if not (self.dequantize and len(valid_idx)):

@@ -63,6 +63,26 @@ def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
+def fresh_noise_adder(
+    generator: torch.Generator, draw: Callable[[Tensor, torch.Generator], Tensor]
+) -> Callable[[Tensor], Tensor]:
+    """A minibatch map ``x -> x + draw(x, gen)`` with fresh noise on every call.
+
+    One seed is taken from ``generator`` now; each device the batches live on gets its own
+    generator from that seed, so a fit is reproducible on CPU and accelerators alike.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    generators: dict = {}
+
+    def add_noise(x: Tensor) -> Tensor:
+        gen = generators.get(x.device)
+        if gen is None:
+            gen = generators[x.device] = torch.Generator(x.device).manual_seed(seed)
+        return x + draw(x, gen)
+
+    return add_noise
+
+
 def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
     if weights is None:
         return values.mean()

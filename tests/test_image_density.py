@@ -233,12 +233,12 @@ def test_failed_refit_leaves_the_fitted_model_untouched():
 
 def test_dequantisation_hook_adds_fresh_uniform_noise():
     est = RealNVPImageDensity(n_levels=17)
-    add_noise = est._batch_transform(torch.Generator().manual_seed(0))
+    add_noise = est._batch_transform(torch.Generator().manual_seed(0), None)
     x = torch.zeros(200, 64, dtype=torch.float64)
     a, b = add_noise(x), add_noise(x)
     assert ((a >= 0) & (a < 1)).all() and abs(float(a.mean()) - 0.5) < 0.01
     assert not torch.equal(a, b)
-    assert RealNVPImageDensity(dequantize=False)._batch_transform(torch.Generator()) is None
+    assert RealNVPImageDensity(dequantize=False)._batch_transform(torch.Generator(), None) is None
 
 
 def test_verbose_prints_bits_per_dim(digits, capsys):
