@@ -217,3 +217,16 @@ def test_every_partial_fit_call_keeps_its_update(stream):
                 unchanged.append(est.n_iter_)
             previous = current
     assert not unchanged, f"calls {unchanged} of 48 left the weights unchanged"
+
+
+def test_partial_fit_applies_input_noise_reproducibly():
+    # The out-of-core path trains through the same minibatch hook: noise changes the passes,
+    # and the same random_state gives the same model.
+    X = _banana(400, 0)
+    fits = []
+    for noise in (0.1, 0.1, 0.0):
+        est = RealNVPDensity(**{**TINY, "input_noise": noise, "random_state": 0})
+        est.partial_fit(X[:200]).partial_fit(X[200:])
+        fits.append(est.score_samples(X))
+    np.testing.assert_array_equal(fits[0], fits[1])
+    assert not np.allclose(fits[0], fits[2])
