@@ -553,9 +553,11 @@ class RealNVPDensity(
             return None
         scale = next(m.scale for m in module.modules() if isinstance(m, Standardize))
         std = scale.detach() * self.input_noise
-        return fresh_noise_adder(generator, lambda x, gen: std * torch.randn(
-            x.shape, generator=gen, device=x.device, dtype=x.dtype
-        ))
+
+        def draw(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            return std * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+
+        return fresh_noise_adder(generator, draw)
 
     def _resume_optimizer(self, work) -> torch.optim.Optimizer | None:
         state = getattr(self, "_optimizer_state", None)
