@@ -88,19 +88,15 @@ def budget_params(budget: str, quick: bool) -> dict:
 
 def fit_cell(set_name: str, budget: str, seed: int, quick: bool) -> dict:
     """Fit one (set, budget) cell on one thread; runs in a worker process."""
-    import torch
-
-    torch.set_num_threads(1)
-    from threadpoolctl import threadpool_limits
-
     from sknvp import RealNVPDensity
 
     bench = _bench_compare()
+    limits = bench.set_threads(1)  # one torch and one BLAS thread
     cfg = bench.Config.make_quick(seed=seed) if quick else bench.Config(seed=seed)
     ds = bench.DATASETS[set_name](cfg)
     params = budget_params(budget, quick)
     est = RealNVPDensity(random_state=seed, **params)
-    with threadpool_limits(1), warnings.catch_warnings():
+    with limits, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wall, cpu = time.perf_counter(), time.process_time()
         est.fit(ds.X_train)
@@ -119,14 +115,14 @@ def fit_cell(set_name: str, budget: str, seed: int, quick: bool) -> dict:
         "ceiling": None if ds.log_density is None else float(np.mean(ds.log_density(ds.X_test))),
         "n_iter": int(est.n_iter_),
         "lr_drops": [int(e) for e in est.lr_drops_],
-        "converged": bool(est.converged_) if hasattr(est, "converged_") else None,
+        "converged": bool(est.converged_),
         "fit_wall_s": wall,
         "fit_cpu_s": cpu,
     }
 
 
-def _key(cell) -> str:
-    return f"{cell['set']}/{cell['budget']}/{cell['seed']}"
+def _key(set_name: str, budget: str, seed: int) -> str:
+    return f"{set_name}/{budget}/{seed}"
 
 
 def _save(results: dict, path: Path) -> None:
@@ -147,7 +143,7 @@ def run(sets, budgets, seeds, jobs: int, quick: bool, path: Path, resume: bool) 
         for s in sets
         for b in budgets
         for seed in seeds
-        if f"{s}/{b}/{seed}" not in results["cells"]
+        if _key(s, b, seed) not in results["cells"]
     ]
     # Longest fits first, so that the workers finish together.
     cost = {"large": 0, "long": 1, "defaults": 2}
@@ -155,7 +151,7 @@ def run(sets, budgets, seeds, jobs: int, quick: bool, path: Path, resume: bool) 
     if jobs <= 1:
         for args in todo:
             cell = fit_cell(*args, quick)
-            results["cells"][_key(cell)] = cell
+            results["cells"][_key(cell["set"], cell["budget"], cell["seed"])] = cell
             _save(results, path)
             print(_progress(cell), flush=True)
     else:
@@ -163,7 +159,7 @@ def run(sets, budgets, seeds, jobs: int, quick: bool, path: Path, resume: bool) 
             futures = [pool.submit(fit_cell, *args, quick) for args in todo]
             for future in as_completed(futures):
                 cell = future.result()
-                results["cells"][_key(cell)] = cell
+                results["cells"][_key(cell["set"], cell["budget"], cell["seed"])] = cell
                 _save(results, path)
                 print(_progress(cell), flush=True)
     results["environment"]["date_end"] = time.strftime("%Y-%m-%d %H:%M")

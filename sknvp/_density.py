@@ -693,7 +693,7 @@ class RealNVPDensity(
                 stacklevel=4,
             )
         elif _unstable(result):
-            curve = _since_last_drop(result)[0] or result.loss_curve
+            curve = _since_last_drop(result)[0]  # not empty: _unstable needs epochs there
             kept = (
                 f"the weights of epoch {result.best_epoch + 1}"
                 if result.best_epoch >= 0 else "the initial weights"
