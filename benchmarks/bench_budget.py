@@ -132,36 +132,40 @@ def _save(results: dict, path: Path) -> None:
 
 
 def run(sets, budgets, seeds, jobs: int, quick: bool, path: Path, resume: bool) -> dict:
+    todo = [(s, b, seed) for s in sets for b in budgets for seed in seeds]
+    # Longest fits first, so that the workers finish together.
+    cost = {"large": 0, "long": 1, "defaults": 2}
+    todo.sort(key=lambda t: (cost.get(t[1], 3), t[0] != "gmix50"))
+    return run_cells(fit_cell, [(*t, quick) for t in todo], _key, jobs, path, resume, _progress)
+
+
+def run_cells(fit, todo, key, jobs: int, path: Path, resume: bool, progress) -> dict:
+    """Call ``fit(*args)`` for each ``args`` in ``todo`` (in worker processes when ``jobs`` > 1),
+    saving the results file after each cell; with ``resume``, skip cells already in it.
+
+    Each ``args`` starts with (data set, variant, seed); ``key`` of those three names the cell.
+    """
     bench = _bench_compare()
     results = (
         json.loads(path.read_text())
         if resume and path.exists()
         else {"environment": bench.environment(1), "cells": {}}
     )
-    todo = [
-        (s, b, seed)
-        for s in sets
-        for b in budgets
-        for seed in seeds
-        if _key(s, b, seed) not in results["cells"]
-    ]
-    # Longest fits first, so that the workers finish together.
-    cost = {"large": 0, "long": 1, "defaults": 2}
-    todo.sort(key=lambda t: (cost.get(t[1], 3), t[0] != "gmix50"))
+    todo = [args for args in todo if key(*args[:3]) not in results["cells"]]
+
+    def store(args, cell):
+        results["cells"][key(*args[:3])] = cell
+        _save(results, path)
+        print(progress(cell), flush=True)
+
     if jobs <= 1:
         for args in todo:
-            cell = fit_cell(*args, quick)
-            results["cells"][_key(cell["set"], cell["budget"], cell["seed"])] = cell
-            _save(results, path)
-            print(_progress(cell), flush=True)
+            store(args, fit(*args))
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(fit_cell, *args, quick) for args in todo]
+            futures = {pool.submit(fit, *args): args for args in todo}
             for future in as_completed(futures):
-                cell = future.result()
-                results["cells"][_key(cell["set"], cell["budget"], cell["seed"])] = cell
-                _save(results, path)
-                print(_progress(cell), flush=True)
+                store(futures[future], future.result())
     results["environment"]["date_end"] = time.strftime("%Y-%m-%d %H:%M")
     _save(results, path)
     return results

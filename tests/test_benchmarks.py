@@ -10,6 +10,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -138,3 +139,30 @@ def test_budget_script_quick_run_and_resume(tmp_path):
     stamp = {k: c["fit_wall_s"] for k, c in cells.items()}
     again = budget.main([*argv, "--resume"])
     assert {k: c["fit_wall_s"] for k, c in again["cells"].items()} == stamp
+
+
+SMALL_SCRIPT = SCRIPT.with_name("bench_small.py")
+
+
+def test_small_data_script_quick_run(tmp_path):
+    # The small-data script fits every method on real tabular and 2-D data, reports the
+    # median and lowest held-out row beside the mean, and writes its block into the doc.
+    spec = importlib.util.spec_from_file_location("bench_small", SMALL_SCRIPT)
+    small = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(small)
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n{small.BEGIN}\nstale table\n{small.END}\n")
+    argv = ["--quick", "--sets", "diabetes,moons", "--seeds", "0,1", "--jobs", "1",
+            "--out", str(tmp_path), "--doc", str(doc)]
+    results = small.main(argv)
+    cells = list(results["cells"].values())
+    assert len(cells) == 2 * 2 * len(small.METHODS)
+    for cell in cells:
+        assert cell["lowest"] <= cell["median"] and math.isfinite(cell["loglik"])
+        assert (cell["n_train"], cell["n_test"]) == (120, 40)
+    # The split depends on the seed, and both seeds' scores are reported.
+    first, second = small.load("diabetes", 0, True)[0], small.load("diabetes", 1, True)[0]
+    assert not np.array_equal(first, second)
+    text = doc.read_text()
+    assert "stale table" not in text and text.count("| diabetes (10-D) |") == 2
+    assert "(input_noise=0.05)" in text
