@@ -221,11 +221,11 @@ class RealNVPDensity(
     input_noise : float, default=0.0
         Standard deviation of Gaussian noise added afresh to every training minibatch, in
         units of each feature's standard deviation (noise regularisation). It smooths the
-        fitted density, which makes the "holes" a flow can tear between training rows on
-        small data rare and shallow (a held-out row in one can score thousands of nats below
-        the rest), at the price of a density widened by that much noise. Validation rows are
-        scored as given. 0.05 is a reasonable value to try; see the ablation in the
-        documentation.
+        fitted density, at the price of widening it by that much noise. On small 2-D data it
+        made the "holes" a flow can tear between training rows rare and shallow (a held-out
+        row in one can score thousands of nats below the rest); on real tabular data its
+        effect went either way, so check it on held-out rows. Validation rows are scored as
+        given. 0.05 is a reasonable value to try; see the benchmarks in the documentation.
     early_stopping : bool, default=True
         Hold out ``validation_fraction`` of the rows, stop when their log-likelihood stops
         improving and restore the best weights.
