@@ -705,6 +705,18 @@ class RealNVPDensity(
                 ConvergenceWarning,
                 stacklevel=4,
             )
+        elif _fell_from_start(result):
+            curve, valid = _since_last_drop(result)
+            warnings.warn(
+                "No epoch beat the initial weights on the validation rows: their mean "
+                f"log-likelihood fell from {result.best_score:.4g} to {min(valid):.4g} while "
+                f"the training loss fell to {min(curve):.4g} nats per sample. The flow "
+                "overfits the training rows from the first epoch, so the initial weights "
+                "(the flow's untrained starting point) were kept. More rows, input_noise, "
+                "alpha or a smaller network may fit better.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
         elif not result.converged:
             warnings.warn(
                 f"max_iter={self.max_iter} reached before the "
@@ -936,16 +948,27 @@ def _check_temperature(temperature) -> float:
 
 def _unstable(result) -> bool:
     """Training blew up without non-finite values: the training loss ended more than 1 nat
-    above its best, or no epoch beat the initial weights and validation fell over 1 nat.
+    above its best, or no epoch beat the initial weights, validation fell over 1 nat and the
+    training loss never got below the initial weights' loss (the steps themselves made the
+    model worse; when the training loss did fall, that is overfitting, not instability).
 
     Only the epochs after the last learning-rate drop count: a drop restores the best weights,
     so the curves restart from there (a loss that overfitting had pushed down jumps back up),
     and what came before the drop has already been undone.
     """
-    curve, valid = _since_last_drop(result)
+    curve, _ = _since_last_drop(result)
     rose = bool(curve) and curve[-1] > min(curve) + 1.0
-    never = result.best_epoch < 0 and bool(valid) and min(valid) < result.best_score - 1.0
+    # With no better epoch, best_score is the initial weights' validation score, and their
+    # loss on the training rows is about its negative.
+    never = _fell_from_start(result) and min(curve) > -result.best_score - 1.0
     return rose or never
+
+
+def _fell_from_start(result) -> bool:
+    """No epoch beat the initial weights, and the validation score fell over 1 nat below
+    theirs (epochs after the last learning-rate drop, as in :func:`_unstable`)."""
+    valid = _since_last_drop(result)[1]
+    return result.best_epoch < 0 and bool(valid) and min(valid) < result.best_score - 1.0
 
 
 def _since_last_drop(result) -> tuple[list, list]:

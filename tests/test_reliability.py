@@ -761,6 +761,35 @@ def test_overfitting_tiny_data_restored_by_a_drop_is_not_called_unstable():
     assert not [w for w in caught if "unstable" in str(w.message)]
 
 
+def test_overfitting_from_the_first_epoch_is_reported_as_such_not_as_instability():
+    """The training loss falls steadily while the validation score falls from the first
+    epoch: overfitting, not instability (the advice to lower the learning rate was wrong)."""
+    est = RealNVPDensity(**TINY)
+    msgs = _outcome_warnings(
+        est,
+        loss_curve=[421.1, 414.3, 408.1, 402.3, 398.8],
+        validation_scores=[-430.0, -429.9, -430.3, -430.8, -431.1],
+        n_iter=5,
+        best_epoch=-1,
+        best_score=-429.2,
+        converged=False,
+    )
+    assert len(msgs) == 1, msgs
+    assert "overfits" in msgs[0] and "initial weights" in msgs[0] and "-431.1" in msgs[0]
+    assert "unstable" not in msgs[0] and "learning_rate_init" not in msgs[0]
+
+
+def test_few_rows_in_many_dimensions_warn_of_overfitting():
+    X = np.random.default_rng(0).normal(size=(50, 300))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = RealNVPDensity(max_iter=5, random_state=0, device="cpu").fit(X)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert est.best_validation_score_ is not None
+    assert any("overfits" in m for m in msgs), msgs
+    assert not any("unstable" in m for m in msgs), msgs
+
+
 def test_ordinary_training_is_not_called_unstable():
     _, caught = _fit_recording(_moons(), learning_rate_init=5e-3)
     assert not [w for w in caught if "unstable" in str(w.message)]
