@@ -1008,18 +1008,57 @@ def render_markdown(results, figure: str | None) -> str:
 
 
 def _merged_note(results) -> list[str]:
-    lines = []
-    for run in results.get("merged_runs", []):
-        env = run["environment"]
-        lines += [
-            "",
-            (
-                f"Rerun with `--merge` on {env['date']} (commit {env.get('git') or '?'}, "
-                f"load average {_fmt_load(env.get('load_avg_start'))}): "
-                f"{'; '.join(run['cells']) or 'nothing'}. Ratios between cells of "
-                "different runs also reflect the load at each time."
-            ),
+    """Where each cell's numbers come from, when some were rerun with ``--merge``: one table
+    row per rerun that is still the latest for at least one cell, its cells grouped by method."""
+    runs = results.get("merged_runs", [])
+    latest = {}  # cell -> index of the last rerun that measured it
+    for i, run in enumerate(runs):
+        for cell in run["cells"]:
+            latest[cell] = i
+    if not latest:
+        return []
+    sets = results.get("sets", {})
+    n_sets = len(sets)
+    n_cells = sum(len(entry.get("methods", {})) for entry in sets.values())
+    others = (
+        "every cell has been rerun since the run above"
+        if len(latest) >= n_cells
+        else "the others are from the run above"
+    )
+    note = (
+        f"Cells rerun with `--merge` since ({others}; a cell rerun more than once shows its "
+        "latest numbers). Ratios between cells of different runs also reflect the load at "
+        "each time."
+    )
+    lines = [
+        "",
+        note,
+        "",
+        "| rerun | commit | load average | cells now from it |",
+        "|---|---|---|---|",
+    ]
+    for i, run in enumerate(runs):
+        mine = [cell for cell in run["cells"] if latest[cell] == i]
+        if not mine:
+            continue
+        by_method: dict[str, list[str]] = {}
+        for cell in mine:
+            method, _, label = cell.partition(" on ")
+            by_method.setdefault(method, []).append(label)
+        groups = [
+            f"{method} on all {n_sets} sets"
+            if len(labels) == n_sets > 1
+            else f"{method} on {', '.join(labels)}"
+            for method, labels in by_method.items()
         ]
+        env = run["environment"]
+        lines.append(
+            f"| {env['date']} | {env.get('git') or '?'} | "
+            f"{_fmt_load(env.get('load_avg_start'))} | {'; '.join(groups)} |"
+        )
+    superseded = sum(1 for i in range(len(runs)) if i not in set(latest.values()))
+    if superseded:
+        lines += ["", f"{superseded} other rerun(s) were wholly superseded by later ones."]
     return lines
 
 

@@ -110,7 +110,10 @@ def test_merge_reruns_one_method_and_keeps_the_rest(quick_run):
         if name != bench.GMM:
             assert moons_after["methods"][name] == moons_before["methods"][name]
     assert after["merged_runs"][-1]["cells"] == [f"{bench.GMM} on {moons_after['label']}"]
-    assert "Rerun with `--merge`" in doc.read_text()
+    text = doc.read_text()
+    assert "Cells rerun with `--merge` since (the others are from the run above" in text
+    rerun_rows = [line for line in text.splitlines() if line.startswith("| 20")]
+    assert len(rerun_rows) == 1 and rerun_rows[0].endswith(f"| {bench.GMM} on two moons (noise 0.05) |")
 
 
 BUDGET_SCRIPT = SCRIPT.with_name("bench_budget.py")
