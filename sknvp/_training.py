@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -90,7 +91,25 @@ def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
 
 
 def _params_finite(module: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    # One check over all parameters: a check per tensor cost more than a small step.
+    flat = [p.detach().reshape(-1) for p in module.parameters()]
+    return not flat or bool(torch.isfinite(torch.cat(flat)).all())
+
+
+def _snapshot(module: nn.Module) -> dict:
+    """A copy of ``module.state_dict()`` that further training cannot change.
+
+    Clones the tensors: ``copy.deepcopy`` of a state dict goes through Python's generic
+    copying for every tensor and cost about as much as a training step of a small flow,
+    taken once per epoch.
+    """
+    state = module.state_dict()
+    snap = OrderedDict(
+        (k, v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v))
+        for k, v in state.items()
+    )
+    snap._metadata = getattr(state, "_metadata", None)  # versions, as load_state_dict reads
+    return snap
 
 
 def _learning_rate(schedule: str, lr0: float, epoch: int, max_iter: int) -> float:
@@ -130,7 +149,7 @@ def _validation_score(module, x, w) -> float:
 def _keep_better_on_training_data(module, candidate, x, w) -> None:
     """Keep the final weights unless ``candidate`` fits the training data better (a run whose
     last epochs blew up without producing non-finite numbers)."""
-    final_state = copy.deepcopy(module.state_dict())
+    final_state = _snapshot(module)
     final = _validation_score(module, x, w)
     module.load_state_dict(candidate)
     best = _validation_score(module, x, w)
@@ -191,7 +210,7 @@ def fit_flow(
     result = TrainResult()
     start = time.perf_counter()
     monitor_valid = x_valid is not None and len(x_valid) > 0
-    best_state = copy.deepcopy(module.state_dict())
+    best_state = _snapshot(module)
     result.best_score = (
         _validation_score(module, x_valid, w_valid) if monitor_valid else -math.inf
     )
@@ -205,7 +224,7 @@ def fit_flow(
             # Without validation the epoch's loss was measured on the weights *during* the
             # epoch, so it is paired with the weights at the epoch's start.
             at_start = (
-                copy.deepcopy(module.state_dict()) if keep_better and not monitor_valid else None
+                _snapshot(module) if keep_better and not monitor_valid else None
             )
             loss, skipped = _train_epoch(
                 module, optimizer, x_train, w_train, batch_size, generator, transform_batch
@@ -225,7 +244,7 @@ def fit_flow(
             no_improvement = 0 if score > result.best_score + tol else no_improvement + 1
             if score > result.best_score:
                 result.best_score, result.best_epoch = score, epoch
-                best_state = at_start or copy.deepcopy(module.state_dict())
+                best_state = at_start or _snapshot(module)
             if verbose:
                 extra = f", validation score = {score:.5f}" if monitor_valid else ""
                 print_fn(f"Epoch {epoch + 1}, loss = {loss:.5f}{extra}")

@@ -99,3 +99,47 @@ def test_the_drop_restarts_from_the_best_weights():
 def test_plateau_factor_is_checked():
     with pytest.raises(ValueError, match="plateau_factor"):
         fit_flow(Flat(), _data(0.0), max_iter=1, plateau_factor=0.0)
+
+
+# ------------------------------------------------------- snapshots and the finiteness check
+
+
+def _small_flow():
+    from sknvp.flows import build_realnvp
+
+    torch.manual_seed(0)
+    return build_realnvp(3, n_couplings=2, hidden_layer_sizes=(8,), batch_norm=True)
+
+
+def test_snapshot_is_independent_of_later_training_and_restores_exactly():
+    from sknvp._training import _snapshot
+
+    flow = _small_flow()
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
+    snap = _snapshot(flow)
+    assert snap.keys() == before.keys()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(1.0)
+    flow.train()
+    flow.log_prob(torch.randn(16, 3))  # updates batch-norm running statistics
+    assert all(torch.equal(snap[k], before[k]) for k in before)
+    assert any(not torch.equal(v, before[k]) for k, v in flow.state_dict().items())
+    flow.load_state_dict(snap)
+    assert all(torch.equal(v, before[k]) for k, v in flow.state_dict().items())
+    assert snap._metadata == flow.state_dict()._metadata  # versions kept for loading
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_params_finite_sees_one_bad_value_in_any_parameter(bad):
+    from sknvp._training import _params_finite
+
+    flow = _small_flow()
+    assert _params_finite(flow)
+    params = list(flow.parameters())
+    for i in (0, len(params) // 2, len(params) - 1):
+        probe = _small_flow()
+        with torch.no_grad():
+            list(probe.parameters())[i].view(-1)[-1] = bad
+        assert not _params_finite(probe), i
+    assert _params_finite(nn.Module())  # no parameters: nothing to be non-finite
