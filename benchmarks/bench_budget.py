@@ -249,6 +249,32 @@ def _fmt_cell(c) -> str:
     return f"{text} ({c['loglik_train']:.3f}; {c['n_iter']}{drops}; {c['fit_cpu_s']:.0f} s)"
 
 
+def add_run_options(p: argparse.ArgumentParser, results_name: str) -> None:
+    """The options every fit-per-cell script shares (jobs, output, doc block, resume)."""
+    p.add_argument("--jobs", type=int, default=2, help="fits at a time, one thread each")
+    p.add_argument("--out", type=Path, default=None, help="results folder")
+    p.add_argument("--doc", default=None, help="markdown page to update ('none' to skip)")
+    p.add_argument(
+        "--resume", action="store_true", help=f"keep the cells already in {results_name}"
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help=f"rewrite the table from {results_name}"
+    )
+
+
+def output_paths(args, scratch_prefix: str) -> tuple[Path, Path | None]:
+    """Results folder and doc page: a scratch folder and no page for ``--quick`` unless given;
+    otherwise docs/figures/benchmarks and docs/benchmarks.md (``--doc none`` skips the page)."""
+    if args.quick:
+        out = args.out or Path(tempfile.mkdtemp(prefix=scratch_prefix))
+        doc = None if args.doc in (None, "none") else Path(args.doc)
+    else:
+        out = args.out or ROOT / "docs" / "figures" / "benchmarks"
+        doc = None if args.doc == "none" else Path(args.doc or ROOT / "docs" / "benchmarks.md")
+    out.mkdir(parents=True, exist_ok=True)
+    return out, doc
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny run: checks the script works")
@@ -257,21 +283,9 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated budgets")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--jobs", type=int, default=2, help="fits at a time, one thread each")
-    p.add_argument("--out", type=Path, default=None, help="results folder")
-    p.add_argument("--doc", default=None, help="markdown page to update ('none' to skip)")
-    p.add_argument("--resume", action="store_true", help="keep the cells already in budget.json")
-    p.add_argument("--report-only", action="store_true", help="rewrite the table from budget.json")
+    add_run_options(p, "budget.json")
     args = p.parse_args(argv)
-
-    if args.quick:
-        scratch = Path(tempfile.mkdtemp(prefix="bench_budget_"))
-        out = args.out or scratch
-        doc = None if args.doc in (None, "none") else Path(args.doc)
-    else:
-        out = args.out or ROOT / "docs" / "figures" / "benchmarks"
-        doc = None if args.doc == "none" else Path(args.doc or ROOT / "docs" / "benchmarks.md")
-    out.mkdir(parents=True, exist_ok=True)
+    out, doc = output_paths(args, "bench_budget_")
     path = out / "budget.json"
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     unknown = set(budgets) - set(BUDGETS)

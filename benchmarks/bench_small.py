@@ -33,7 +33,6 @@ import importlib.util
 import json
 import math
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -212,20 +211,9 @@ def main(argv=None) -> dict:
     p.add_argument("--sets", default=None, help=f"comma-separated subset of {','.join(SETS)}")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--jobs", type=int, default=2, help="fits at a time, one thread each")
-    p.add_argument("--out", type=Path, default=None, help="results folder")
-    p.add_argument("--doc", default=None, help="markdown page to update ('none' to skip)")
-    p.add_argument("--resume", action="store_true", help="keep the cells already in small.json")
-    p.add_argument("--report-only", action="store_true", help="rewrite the table from small.json")
+    _budget().add_run_options(p, "small.json")
     args = p.parse_args(argv)
-
-    if args.quick:
-        out = args.out or Path(tempfile.mkdtemp(prefix="bench_small_"))
-        doc = None if args.doc in (None, "none") else Path(args.doc)
-    else:
-        out = args.out or ROOT / "docs" / "figures" / "benchmarks"
-        doc = None if args.doc == "none" else Path(args.doc or ROOT / "docs" / "benchmarks.md")
-    out.mkdir(parents=True, exist_ok=True)
+    out, doc = _budget().output_paths(args, "bench_small_")
     path = out / "small.json"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
