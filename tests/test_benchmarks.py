@@ -169,3 +169,33 @@ def test_small_data_script_quick_run(tmp_path):
     text = doc.read_text()
     assert "stale table" not in text and text.count("| diabetes (10-D) |") == 2
     assert "(input_noise=0.05)" in text
+
+
+def test_per_epoch_matmul_calls_cancel_what_every_fit_does_once():
+    # 2-epoch fit - 1-epoch fit: calls made once per fit (setup, final evaluation) cancel.
+    bench = _load_script()
+    once = ("aten::addmm", ((64,), (10000, 2), (2, 64)))  # e.g. scoring the training rows
+    step = ("aten::mm", ((512, 64), (64, 64)))
+    one = bench.Counter({once: 1, step: 20})
+    two = bench.Counter({once: 1, step: 40})
+    assert bench._per_epoch(one, two) == bench.Counter({step: 20})
+
+
+def test_floor_quick_run_writes_table_json_and_doc_block(tmp_path):
+    bench = _load_script()
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n{bench.FBEGIN}\nold floor\n{bench.FEND}\n\nTail kept.\n")
+    text = bench.main(
+        ["--quick", "--floor", "--sets", "moons", "--out", str(tmp_path), "--doc", str(doc),
+         "--threads", "1"]
+    )
+    raw = json.loads((tmp_path / "floor.json").read_text())
+    ours = raw["moons"][bench.SKNVP_MATCHED]
+    # A quick fit is one step per epoch: 8 couplings x 3 layers forward, and backward matmuls.
+    assert ours["matmul_calls"] >= 8 * 3 * 2
+    assert 0 < ours["matmul_cpu_s"] < 1 and math.isfinite(ours["epoch_cpu_s"])
+    for entry in raw["moons"].values():  # peers, where installed, measured the same way
+        assert entry["matmul_calls"] > 0 and entry["matmul_cpu_s"] > 0
+    written = doc.read_text()
+    assert "old floor" not in written and "Tail kept." in written
+    assert "| two moons (noise 0.05) |" in text and text.strip() in written
