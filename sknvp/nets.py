@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 __all__ = ["ACTIVATIONS", "MLP", "make_activation", "tanh_"]
 
@@ -83,14 +84,16 @@ class MLP(nn.Sequential):
 
 
 def _is_plain_single_input_linear(layer: nn.Module) -> bool:
-    # Exactly nn.Linear (not a subclass with its own forward), with a bias and no hooks (the
-    # shortcut does not call the module, so hooks would not run).
+    # Exactly nn.Linear (not a subclass with its own forward), with a bias and no hooks, its
+    # own or global (the shortcut does not call the module, so hooks would not run).
     return (
         type(layer) is nn.Linear
         and layer.in_features == 1
         and layer.bias is not None
         and not layer._forward_hooks
         and not layer._forward_pre_hooks
+        and not getattr(_torch_module, "_global_forward_hooks", None)
+        and not getattr(_torch_module, "_global_forward_pre_hooks", None)
     )
 
 

@@ -220,6 +220,21 @@ def test_mlp_one_input_shortcut_keeps_the_first_layers_hooks():
     assert seen == [torch.Size([5, 8])] and got.shape == (5, 2)
 
 
+def test_mlp_one_input_shortcut_keeps_global_hooks():
+    torch.manual_seed(0)
+    net = MLP(1, 2, (8,), "relu")
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(module)
+    )
+    try:
+        with torch.no_grad():
+            net(torch.randn(5, 1))
+    finally:
+        handle.remove()
+    assert seen[0] is net[0]  # the one-input layer was called as a module
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_inference_tanh_is_tanh_to_rounding_and_in_place(dtype):
     x = torch.cat([
