@@ -1203,21 +1203,44 @@ def _rates(gflop: float, t_wall: float, t_cpu: float) -> Timer:
     )
 
 
-def _epoch_time(X, cfg) -> dict:
+def _matched_makers(cfg: Config) -> dict:
+    """``n_epochs -> unfitted model`` for sknvp (matched) and each importable peer."""
     from sknvp import RealNVPDensity
 
-    times = {}
-    for n_epochs in (1, 3):
-        est = RealNVPDensity(**dict(matched_params(cfg, 0), max_iter=n_epochs))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Timer() as t:
-                est.fit(X)
-        times[n_epochs] = t
+    makers = {SKNVP_MATCHED: lambda e: RealNVPDensity(**dict(matched_params(cfg, 0), max_iter=e))}
+    for name in PEERS:
+        if missing_peer_message(name) is None:
+            makers[name] = lambda e, name=name: PeerMethod(name, dict_config(cfg, epochs=e), 0)
+    return makers
+
+
+def _epoch_seconds(make, X, repeats: int = 1) -> tuple[Timer, Timer, object]:
+    """Wall and CPU seconds of one epoch of ``make(n_epochs).fit(X)``: the fastest of
+    ``repeats`` 3-epoch fits less the fastest 1-epoch fit, halved (what a fit does once
+    cancels). Also returns the fastest 1-epoch fit's times and the last model fitted."""
+    best = {n: Timer(math.inf, math.inf) for n in (1, 3)}
+    fitted = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make(1).fit(X[:256])  # imports and first calls
+        for _ in range(repeats):
+            for n_epochs in (1, 3):
+                fitted = make(n_epochs)
+                with Timer() as t:
+                    fitted.fit(X)
+                best[n_epochs] = Timer(
+                    min(best[n_epochs].wall, t.wall), min(best[n_epochs].cpu, t.cpu)
+                )
+    epoch = Timer((best[3].wall - best[1].wall) / 2, (best[3].cpu - best[1].cpu) / 2)
+    return epoch, best[1], fitted
+
+
+def _epoch_time(X, cfg) -> dict:
+    epoch, one, est = _epoch_seconds(_matched_makers(cfg)[SKNVP_MATCHED], X)
     return {
-        "epoch_wall_s": (times[3].wall - times[1].wall) / 2,
-        "epoch_cpu_s": (times[3].cpu - times[1].cpu) / 2,
-        "setup_wall_s": times[1].wall - (times[3].wall - times[1].wall) / 2,
+        "epoch_wall_s": epoch.wall,
+        "epoch_cpu_s": epoch.cpu,
+        "setup_wall_s": one.wall - epoch.wall,
         "est": est,
     }
 
@@ -1225,23 +1248,10 @@ def _epoch_time(X, cfg) -> dict:
 def _peer_epoch_times(X, cfg) -> list[list[str]]:
     """Epoch time of each importable peer, timed the same way as sknvp's."""
     rows = []
-    for name in PEERS:
-        if missing_peer_message(name):
-            continue
-        PeerMethod(name, dict_config(cfg, epochs=1), 0).fit(X[:256])  # imports, first calls
-        times = {}
-        for n_epochs in (1, 3):
-            peer = PeerMethod(name, dict_config(cfg, epochs=n_epochs), 0)
-            with Timer() as t:
-                peer.fit(X)
-            times[n_epochs] = t
-        rows.append(
-            [
-                name,
-                f"{(times[3].wall - times[1].wall) / 2 * 1e3:.0f}",
-                f"{(times[3].cpu - times[1].cpu) / 2 * 1e3:.0f}",
-            ]
-        )
+    for name, make in _matched_makers(cfg).items():
+        if name != SKNVP_MATCHED:
+            epoch = _epoch_seconds(make, X)[0]
+            rows.append([name, f"{epoch.wall * 1e3:.0f}", f"{epoch.cpu * 1e3:.0f}"])
     return rows
 
 
@@ -1463,32 +1473,18 @@ def _matmul_seconds(calls: Counter, dtype, rounds: int = 5, repeats: int = 20) -
 
 
 def _floor_row(ds: DataSet, cfg: Config, repeats: int = 3) -> dict:
-    """Epoch CPU time of sknvp (matched) and of each peer on ``ds`` (from the fastest of
-    ``repeats`` fits of 1 and of 3 epochs), and the time the matmuls of each one's epoch take
-    on their own."""
+    """Epoch CPU time of sknvp (matched) and of each peer on ``ds`` (fastest of ``repeats``,
+    see :func:`_epoch_seconds`), and the time the matmuls of each one's epoch take on their
+    own."""
     import torch
 
-    from sknvp import RealNVPDensity
-
     X = ds.X_train
-    makers = {SKNVP_MATCHED: lambda e: RealNVPDensity(**dict(matched_params(cfg, 0), max_iter=e))}
-    for name in PEERS:
-        if missing_peer_message(name) is None:
-            makers[name] = lambda e, name=name: PeerMethod(name, dict_config(cfg, epochs=e), 0)
     row = {}
-    for name, make in makers.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            make(1).fit(X[: min(len(X), 256)])  # imports and first calls
-            cpu = {1: math.inf, 3: math.inf}
-            for _ in range(repeats):  # the fastest of each: this machine's speed swings
-                for n_epochs in (1, 3):
-                    with Timer() as t:
-                        make(n_epochs).fit(X)
-                    cpu[n_epochs] = min(cpu[n_epochs], t.cpu)
+    for name, make in _matched_makers(cfg).items():
+        epoch = _epoch_seconds(make, X, repeats)[0]
         calls = _per_epoch(*(_matmul_calls(make(e).fit, X) for e in (1, 2)))
         row[name] = {
-            "epoch_cpu_s": (cpu[3] - cpu[1]) / 2,
+            "epoch_cpu_s": epoch.cpu,
             "matmul_cpu_s": _matmul_seconds(calls, torch.float32),
             "matmul_calls": sum(calls.values()),
         }
@@ -1532,8 +1528,8 @@ def run_floor(cfg: Config, sets, out_dir: Path, doc: Path | None) -> str:
                 f"{torch.__version__}, {torch.get_num_threads()} thread(s), float32, load "
                 f"average {_fmt_load(_loadavg())}. Epoch CPU ms = (fastest 3-epoch fit - fastest "
                 "1-epoch fit) / 2; matmuls ms = one epoch's mm/addmm calls (forward and "
-                "backward; a 2-epoch fit's less a 1-epoch fit's), recorded with torch.profiler and timed as bare matmuls back to back "
-                "(in brackets: their share of the epoch)."
+                "backward; a 2-epoch fit's less a 1-epoch fit's), recorded with torch.profiler "
+                "and timed as bare matmuls back to back (in brackets: their share of the epoch)."
             ),
             "",
             *_table(

@@ -199,3 +199,15 @@ def test_floor_quick_run_writes_table_json_and_doc_block(tmp_path):
     written = doc.read_text()
     assert "old floor" not in written and "Tail kept." in written
     assert "| two moons (noise 0.05) |" in text and text.strip() in written
+
+
+def test_profile_quick_run_times_sknvp_and_peers_epochs(tmp_path):
+    bench = _load_script()
+    text = bench.main(
+        ["--quick", "--profile", "--sets", "moons", "--out", str(tmp_path), "--doc", "none",
+         "--threads", "1"]
+    )
+    summary = json.loads((tmp_path / "profile.json").read_text())
+    assert summary["macs_per_row"] == 8 * (1 * 64 + 64 * 64 + 64 * 2)  # 8 couplings of 2x64
+    assert math.isfinite(summary["epoch"]["epoch_cpu_s"]) and summary["aten_calls"] > 0
+    assert "| sknvp (matched) |" in text
