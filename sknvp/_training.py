@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ._backprop import manual_gradient
+
 __all__ = ["TrainResult", "batch_slices", "evaluate_log_prob", "fit_flow", "make_adam"]
 
 
@@ -90,9 +92,9 @@ def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
     return (values * weights).sum() / weights.sum()
 
 
-def _params_finite(module: nn.Module) -> bool:
+def _params_finite(params: list[Tensor]) -> bool:
     # One check over all parameters: a check per tensor cost more than a small step.
-    flat = [p.detach().reshape(-1) for p in module.parameters()]
+    flat = [p.detach().reshape(-1) for p in params]
     return not flat or bool(torch.isfinite(torch.cat(flat)).all())
 
 
@@ -112,6 +114,28 @@ def _snapshot(module: nn.Module) -> dict:
     return snap
 
 
+def _snapshotter(module: nn.Module) -> Callable[[], dict]:
+    """A function returning :func:`_snapshot` of ``module``, for repeated snapshots.
+
+    The state dict's tensors are looked up once: training and ``load_state_dict`` change them
+    in place, so the same tensors hold the state all through a fit. (Walking the module tree
+    for every snapshot cost about 0.3 ms, a tenth of a small training step.) Modules with
+    non-tensor state fall back to :func:`_snapshot` on every call.
+    """
+    state = module.state_dict(keep_vars=True)
+    if not all(isinstance(v, Tensor) for v in state.values()):
+        return lambda: _snapshot(module)
+    items = list(state.items())
+    metadata = getattr(state, "_metadata", None)
+
+    def snapshot() -> dict:
+        snap = OrderedDict((k, v.detach().clone()) for k, v in items)
+        snap._metadata = metadata
+        return snap
+
+    return snapshot
+
+
 def _learning_rate(schedule: str, lr0: float, epoch: int, max_iter: int) -> float:
     if schedule == "cosine":
         return lr0 * 0.5 * (1.0 + math.cos(math.pi * epoch / max(max_iter, 1)))
@@ -119,21 +143,28 @@ def _learning_rate(schedule: str, lr0: float, epoch: int, max_iter: int) -> floa
 
 
 def _train_epoch(
-    module, optimizer, x, w, batch_size, generator, transform_batch
+    module, optimizer, x, w, batch_size, generator, transform_batch, manual=None
 ) -> tuple[float, int]:
-    module.train()
+    if not module.training:  # each call of train() walks the whole module tree
+        module.train()
     perm = torch.randperm(len(x), generator=generator).to(x.device)
     total, weight_sum, skipped = 0.0, 0.0, 0
     for s in batch_slices(len(x), batch_size):
         idx = perm[s]
         wb = None if w is None else w[idx]
         xb = x[idx] if transform_batch is None else transform_batch(x[idx])
-        loss = -_weighted_mean(module.log_prob(xb), wb)
-        if not torch.isfinite(loss):
-            skipped += 1
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if manual is not None:  # loss and gradients in one pass, no autograd graph
+            loss = manual.loss_and_grad(xb, wb)
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+        else:
+            loss = -_weighted_mean(module.log_prob(xb), wb)
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         bw = float(len(idx) if wb is None else wb.sum())
         total += float(loss.detach()) * bw
@@ -178,6 +209,7 @@ def fit_flow(
     transform_batch: Callable[[Tensor], Tensor] | None = None,
     keep_better: bool = True,
     plateau_factor: float = 0.1,
+    backprop: str = "auto",
 ) -> tuple[TrainResult, torch.optim.Optimizer]:
     """Train ``module`` by minimising the mean negative log-likelihood with Adam.
 
@@ -201,16 +233,27 @@ def fit_flow(
     finite weights when there is no validation set: every update counts, even one whose pass
     measured a higher loss than the weights it started from.
 
+    ``backprop="auto"`` computes the gradients of flows that :mod:`sknvp._backprop` supports
+    (vector Real-NVP flows without batch norm) by its hand-derived chain rule, about a third
+    less time per step at the benchmark's sizes, and of any other module by autograd;
+    ``"autograd"`` always uses autograd. Both give the same gradients up to rounding.
+
     Returns the :class:`TrainResult` and the optimizer (to resume training later).
     """
     if not 0 < plateau_factor <= 1:
         raise ValueError(f"plateau_factor must be in (0, 1], got {plateau_factor!r}.")
+    if backprop not in ("auto", "autograd"):
+        raise ValueError(f"backprop must be 'auto' or 'autograd', got {backprop!r}.")
+    manual = manual_gradient(module) if backprop == "auto" else None
+    params = list(module.parameters())
+    snapshot = _snapshotter(module)
+    module.train()
     if optimizer is None:
         optimizer = make_adam(module.parameters(), learning_rate_init, alpha)
     result = TrainResult()
     start = time.perf_counter()
     monitor_valid = x_valid is not None and len(x_valid) > 0
-    best_state = _snapshot(module)
+    best_state = snapshot()
     result.best_score = (
         _validation_score(module, x_valid, w_valid) if monitor_valid else -math.inf
     )
@@ -224,13 +267,14 @@ def fit_flow(
             # Without validation the epoch's loss was measured on the weights *during* the
             # epoch, so it is paired with the weights at the epoch's start.
             at_start = (
-                _snapshot(module) if keep_better and not monitor_valid else None
+                snapshot() if keep_better and not monitor_valid else None
             )
             loss, skipped = _train_epoch(
-                module, optimizer, x_train, w_train, batch_size, generator, transform_batch
+                module, optimizer, x_train, w_train, batch_size, generator, transform_batch,
+                manual,
             )
             result.skipped_steps += skipped
-            if not (math.isfinite(loss) and _params_finite(module)):
+            if not (math.isfinite(loss) and _params_finite(params)):
                 result.diverged = True
                 break
             result.loss_curve.append(loss)
@@ -244,7 +288,7 @@ def fit_flow(
             no_improvement = 0 if score > result.best_score + tol else no_improvement + 1
             if score > result.best_score:
                 result.best_score, result.best_epoch = score, epoch
-                best_state = at_start or _snapshot(module)
+                best_state = at_start or snapshot()
             if verbose:
                 extra = f", validation score = {score:.5f}" if monitor_valid else ""
                 print_fn(f"Epoch {epoch + 1}, loss = {loss:.5f}{extra}")

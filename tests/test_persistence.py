@@ -275,11 +275,13 @@ def _interrupting_train_epoch(monkeypatch, at_epoch, at_batch=None):
     original = training_module._train_epoch
     calls = {"n": 0}
 
-    def patched(module, optimizer, x, w, batch_size, generator, transform_batch):
+    def patched(module, optimizer, x, w, batch_size, generator, transform_batch, *rest):
         epoch = calls["n"]
         calls["n"] += 1
         if epoch != at_epoch:
-            return original(module, optimizer, x, w, batch_size, generator, transform_batch)
+            return original(
+                module, optimizer, x, w, batch_size, generator, transform_batch, *rest
+            )
         if at_batch is None:
             raise KeyboardInterrupt
         seen = {"n": 0}
@@ -290,7 +292,7 @@ def _interrupting_train_epoch(monkeypatch, at_epoch, at_batch=None):
                 raise KeyboardInterrupt
             return xb if transform_batch is None else transform_batch(xb)
 
-        return original(module, optimizer, x, w, batch_size, generator, interrupt_later)
+        return original(module, optimizer, x, w, batch_size, generator, interrupt_later, *rest)
 
     monkeypatch.setattr(training_module, "_train_epoch", patched)
     return calls
