@@ -40,12 +40,15 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from .flows import RealNVPFlow
-from .nets import MLP
+from .nets import MLP, tanh_
 from .transforms import SplitAffineCoupling, Standardize, TriangularWhitening
 
 __all__ = ["ManualGradient", "manual_gradient"]
 
 _aten = torch.ops.aten
+# Elements from which tanh_'s sigmoid form (four in-place operations) beats torch.tanh (one) in
+# a training step: about 4 % of a step at 512 x 32 (digits), no difference at 455 x 15.
+_SIGMOID_TANH_MIN = 8192
 
 # activation type -> (forward: (module, pre-activation) -> (output, saved),
 #                     backward: (module, grad of output, saved) -> grad of pre-activation).
@@ -56,7 +59,7 @@ _ACTIVATIONS: dict[type, tuple[Callable, Callable]] = {
         lambda m, g, a: _aten.threshold_backward(g, a, 0),
     ),
     nn.Tanh: (
-        lambda m, h: (h.tanh_(),) * 2,
+        lambda m, h: (tanh_(h),) * 2,  # the sigmoid form on CPU, as inference computes it
         lambda m, g, a: _aten.tanh_backward(g, a),
     ),
     nn.LeakyReLU: (
@@ -174,7 +177,10 @@ class _Coupling:
                 inputs.append(h)
                 saved.append(keep)
         d = self.d_free
-        th = torch.tanh(h[:, :d] * self.inv_bound)
+        th = h[:, :d] * self.inv_bound
+        # torch's CPU tanh is not vectorised (44 us on 512 x 32 float32 against 8 for sigmoid);
+        # the sigmoid form's extra operations cost more than they save on small tensors.
+        th = tanh_(th) if th.numel() >= _SIGMOID_TANH_MIN else th.tanh_()
         s = th * self.bound
         es = torch.exp(s)
         x_es = x_free * es

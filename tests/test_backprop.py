@@ -161,3 +161,19 @@ def test_estimator_fits_the_same_with_either_gradient(monkeypatch):
     assert np.allclose(manual.loss_curve_, auto.loss_curve_, rtol=1e-9)
     assert np.allclose(manual.score_samples(X), auto.score_samples(X), rtol=1e-7, atol=1e-9)
     assert math.isfinite(manual.score(X))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_manual_gradient_equals_autograd_on_a_large_batch(activation):
+    # Enough rows x transformed features for the scale bound's sigmoid form of tanh.
+    from sknvp import _backprop
+
+    d, n = 32, 600
+    assert n * d // 2 >= _backprop._SIGMOID_TANH_MIN
+    flow = _flow(d, 2, (16,), activation, "alternating", False, 5)
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref_loss, ref_grads = _autograd_loss_and_grads(flow, x, None)
+    loss, grads = _manual_loss_and_grads(flow, x, None)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, ref, rtol=1e-9, atol=1e-12)
