@@ -201,6 +201,38 @@ def test_floor_quick_run_writes_table_json_and_doc_block(tmp_path):
     assert "| two moons (noise 0.05) |" in text and text.strip() in written
 
 
+def test_backprop_quick_run_times_both_gradients_and_writes_doc_block(tmp_path):
+    bench = _load_script()
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n{bench.BBEGIN}\nold block\n{bench.BEND}\n\nTail kept.\n")
+    text = bench.main(
+        ["--quick", "--backprop", "--sets", "moons", "--out", str(tmp_path), "--doc", str(doc),
+         "--threads", "1"]
+    )
+    raw = json.loads((tmp_path / "backprop.json").read_text())
+    for label in (bench.SKNVP_MATCHED, bench.SKNVP_DEFAULT):
+        times = raw["moons"][label]
+        assert set(times) == {"hand-derived_epoch_cpu_s", "autograd_epoch_cpu_s"}
+        assert all(math.isfinite(v) for v in times.values())
+    written = doc.read_text()
+    assert "old block" not in written and "Tail kept." in written
+    assert "| two moons (noise 0.05) |" in text and text.strip() in written
+
+
+def test_gradient_switch_forces_autograd_and_restores_the_hand_derived_one():
+    bench = _load_script()
+    import sknvp._training as training
+    from sknvp.flows import build_realnvp
+
+    flow = build_realnvp(2, 2, (4,))
+    assert training.manual_gradient(flow) is not None
+    with bench._gradient("autograd"):
+        assert training.manual_gradient(flow) is None
+    with bench._gradient("hand-derived"):
+        assert training.manual_gradient(flow) is not None
+    assert training.manual_gradient(flow) is not None
+
+
 def test_profile_quick_run_times_sknvp_and_peers_epochs(tmp_path):
     bench = _load_script()
     text = bench.main(
