@@ -1551,11 +1551,16 @@ def run_floor(cfg: Config, sets, out_dir: Path, doc: Path | None) -> str:
             ),
         ]
     )
+    return _write_mode_outputs(out_dir, "floor", text, raw, doc, (FBEGIN, FEND))
+
+
+def _write_mode_outputs(out_dir: Path, stem: str, text: str, raw, doc, markers) -> str:
+    """``stem.md`` and ``stem.json`` in ``out_dir``, and the doc block between ``markers``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "floor.md").write_text(text)
-    (out_dir / "floor.json").write_text(json.dumps(raw, indent=1))
+    (out_dir / f"{stem}.md").write_text(text)
+    (out_dir / f"{stem}.json").write_text(json.dumps(raw, indent=1))
     if doc is not None:
-        write_block(doc, text, FBEGIN, FEND)
+        write_block(doc, text, *markers)
     return text
 
 
@@ -1640,12 +1645,7 @@ def run_backprop(cfg: Config, sets, out_dir: Path, doc: Path | None) -> str:
             *_table(["data", *header], rows),
         ]
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "backprop.md").write_text(text)
-    (out_dir / "backprop.json").write_text(json.dumps(raw, indent=1))
-    if doc is not None:
-        write_block(doc, text, BBEGIN, BEND)
-    return text
+    return _write_mode_outputs(out_dir, "backprop", text, raw, doc, (BBEGIN, BEND))
 
 
 def _loadavg():
