@@ -177,3 +177,26 @@ def test_manual_gradient_equals_autograd_on_a_large_batch(activation):
     assert torch.allclose(loss, ref_loss, rtol=1e-12)
     for g, ref in zip(grads, ref_grads, strict=True):
         assert torch.allclose(g, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backprop", ["auto", "autograd"])
+def test_a_batch_with_a_non_finite_loss_is_skipped_with_either_gradient(backprop):
+    calls = {"n": 0}
+
+    def poison_second_batch(xb):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            xb = xb.clone()
+            xb[0, 0] = math.inf
+        return xb
+
+    flow = _flow(3, 2, (8,), "relu", "alternating", False, 4)
+    x = torch.randn(128, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    result, _ = fit_flow(
+        flow, x, max_iter=2, batch_size=32, learning_rate_init=1e-2,
+        generator=torch.Generator().manual_seed(0), transform_batch=poison_second_batch,
+        backprop=backprop,
+    )
+    assert result.skipped_steps == 1 and not result.diverged
+    assert all(bool(torch.isfinite(p).all()) for p in flow.parameters())
+    assert all(math.isfinite(v) for v in result.loss_curve)
