@@ -1592,7 +1592,7 @@ def _backprop_makers(cfg: Config) -> dict:
     return {
         SKNVP_MATCHED: lambda e: RealNVPDensity(**dict(matched_params(cfg, 0), max_iter=e)),
         SKNVP_DEFAULT: lambda e: RealNVPDensity(
-            **dict(defaults, max_iter=e, n_iter_no_change=e, early_stopping=True)
+            **dict(defaults, max_iter=e, n_iter_no_change=e)
         ),
     }
 

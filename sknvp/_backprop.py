@@ -130,14 +130,11 @@ class _Coupling:
     """
 
     def __init__(self, layer: SplitAffineCoupling, layers) -> None:
-        self.layer = layer
+        # The layer's own split and join (slices for block masks, gathers otherwise).
+        self.split, self.join = layer._split, layer._join
         self.inv_bound = 1.0 / layer.scale_bound
         self.bound = layer.scale_bound
-        self.layout = layer._layout
-        self.k = layer._kept_idx.numel()
         self.d_free = layer._free_idx.numel()
-        self.kept_idx, self.free_idx = layer._kept_idx, layer._free_idx
-        self.unsplit = layer._unsplit
         self.weights = [lin.weight for lin, _ in layers]
         self.biases = [lin.bias for lin, _ in layers]
         self.acts = [
@@ -148,21 +145,6 @@ class _Coupling:
             for _, act in layers
         ]
         self.single_input = layers[0][0].in_features == 1
-
-    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.layout == "kept_first":
-            return x[:, : self.k], x[:, self.k:]
-        if self.layout == "kept_last":
-            n = x.shape[1] - self.k
-            return x[:, n:], x[:, :n]
-        return x.index_select(1, self.kept_idx), x.index_select(1, self.free_idx)
-
-    def join(self, kept: Tensor, free: Tensor) -> Tensor:
-        if self.layout == "kept_first":
-            return torch.cat([kept, free], dim=1)
-        if self.layout == "kept_last":
-            return torch.cat([free, kept], dim=1)
-        return torch.cat([kept, free], dim=1).index_select(1, self.unsplit)
 
     def forward(self, x: Tensor):
         x_kept, x_free = self.split(x)

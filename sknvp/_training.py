@@ -98,20 +98,20 @@ def _params_finite(params: list[Tensor]) -> bool:
     return not flat or bool(torch.isfinite(torch.cat(flat)).all())
 
 
-def _snapshot(module: nn.Module) -> dict:
-    """A copy of ``module.state_dict()`` that further training cannot change.
-
-    Clones the tensors: ``copy.deepcopy`` of a state dict goes through Python's generic
-    copying for every tensor and cost about as much as a training step of a small flow,
-    taken once per epoch.
-    """
-    state = module.state_dict()
+def _copy_state(state: dict) -> dict:
+    # Clones the tensors: ``copy.deepcopy`` of a state dict goes through Python's generic
+    # copying for every tensor and cost about as much as a training step of a small flow.
     snap = OrderedDict(
         (k, v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v))
         for k, v in state.items()
     )
     snap._metadata = getattr(state, "_metadata", None)  # versions, as load_state_dict reads
     return snap
+
+
+def _snapshot(module: nn.Module) -> dict:
+    """A copy of ``module.state_dict()`` that further training cannot change."""
+    return _copy_state(module.state_dict())
 
 
 def _snapshotter(module: nn.Module) -> Callable[[], dict]:
@@ -125,15 +125,7 @@ def _snapshotter(module: nn.Module) -> Callable[[], dict]:
     state = module.state_dict(keep_vars=True)
     if not all(isinstance(v, Tensor) for v in state.values()):
         return lambda: _snapshot(module)
-    items = list(state.items())
-    metadata = getattr(state, "_metadata", None)
-
-    def snapshot() -> dict:
-        snap = OrderedDict((k, v.detach().clone()) for k, v in items)
-        snap._metadata = metadata
-        return snap
-
-    return snapshot
+    return lambda: _copy_state(state)
 
 
 def _learning_rate(schedule: str, lr0: float, epoch: int, max_iter: int) -> float:
