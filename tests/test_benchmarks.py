@@ -181,42 +181,41 @@ def test_per_epoch_matmul_calls_cancel_what_every_fit_does_once():
     assert bench._per_epoch(one, two) == bench.Counter({step: 20})
 
 
-def test_floor_quick_run_writes_table_json_and_doc_block(tmp_path):
-    bench = _load_script()
+def _quick_mode_run(bench, tmp_path, mode, markers):
+    """``bench_compare.py --quick --MODE`` on moons into a doc holding an old block between
+    ``markers``: returns the printed text and raw json, and checks the doc block was replaced
+    with exactly that text while the rest of the doc was kept."""
+    begin, end = markers
     doc = tmp_path / "benchmarks.md"
-    doc.write_text(f"# Benchmarks\n\n{bench.FBEGIN}\nold floor\n{bench.FEND}\n\nTail kept.\n")
+    doc.write_text(f"# Benchmarks\n\n{begin}\nold block\n{end}\n\nTail kept.\n")
     text = bench.main(
-        ["--quick", "--floor", "--sets", "moons", "--out", str(tmp_path), "--doc", str(doc),
+        ["--quick", f"--{mode}", "--sets", "moons", "--out", str(tmp_path), "--doc", str(doc),
          "--threads", "1"]
     )
-    raw = json.loads((tmp_path / "floor.json").read_text())
+    written = doc.read_text()
+    assert "old block" not in written and "Tail kept." in written
+    assert "| two moons (noise 0.05) |" in text and text.strip() in written
+    return text, json.loads((tmp_path / f"{mode}.json").read_text())
+
+
+def test_floor_quick_run_writes_table_json_and_doc_block(tmp_path):
+    bench = _load_script()
+    _, raw = _quick_mode_run(bench, tmp_path, "floor", (bench.FBEGIN, bench.FEND))
     ours = raw["moons"][bench.SKNVP_MATCHED]
     # A quick fit is one step per epoch: 8 couplings x 3 layers forward, and backward matmuls.
     assert ours["matmul_calls"] >= 8 * 3 * 2
     assert 0 < ours["matmul_cpu_s"] < 1 and math.isfinite(ours["epoch_cpu_s"])
     for entry in raw["moons"].values():  # peers, where installed, measured the same way
         assert entry["matmul_calls"] > 0 and entry["matmul_cpu_s"] > 0
-    written = doc.read_text()
-    assert "old floor" not in written and "Tail kept." in written
-    assert "| two moons (noise 0.05) |" in text and text.strip() in written
 
 
 def test_backprop_quick_run_times_both_gradients_and_writes_doc_block(tmp_path):
     bench = _load_script()
-    doc = tmp_path / "benchmarks.md"
-    doc.write_text(f"# Benchmarks\n\n{bench.BBEGIN}\nold block\n{bench.BEND}\n\nTail kept.\n")
-    text = bench.main(
-        ["--quick", "--backprop", "--sets", "moons", "--out", str(tmp_path), "--doc", str(doc),
-         "--threads", "1"]
-    )
-    raw = json.loads((tmp_path / "backprop.json").read_text())
+    _, raw = _quick_mode_run(bench, tmp_path, "backprop", (bench.BBEGIN, bench.BEND))
     for label in (bench.SKNVP_MATCHED, bench.SKNVP_DEFAULT):
         times = raw["moons"][label]
         assert set(times) == {"hand-derived_epoch_cpu_s", "autograd_epoch_cpu_s"}
         assert all(math.isfinite(v) for v in times.values())
-    written = doc.read_text()
-    assert "old block" not in written and "Tail kept." in written
-    assert "| two moons (noise 0.05) |" in text and text.strip() in written
 
 
 def test_gradient_switch_forces_autograd_and_restores_the_hand_derived_one():
