@@ -585,7 +585,9 @@ class RealNVPDensity(
                max_iter=None, schedule=None, keep_better=True):
         X = self._prepare_training_data(X, valid_idx, seed)
         dtype = TORCH_DTYPES[self.dtype]
-        work = copy.deepcopy(module).to(device=device, dtype=dtype)
+        # A warm start trains a copy (a failed fit must leave the fitted model as it was); a
+        # freshly built module belongs to this fit alone (copying it cost several ms a fit).
+        work = (copy.deepcopy(module) if warm else module).to(device=device, dtype=dtype)
         x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype)
         x_va, w_va = self._to_tensors(X, sample_weight, valid_idx, device, dtype)
         optimizer = self._resume_optimizer(work) if warm else None
@@ -638,9 +640,11 @@ class RealNVPDensity(
         _check_training_range(X, self.dtype)
         sizes, mask = self._check_params(X.shape[1])
         device = resolve_device(self.device)
-        if first or not hasattr(self, "_partial_seed"):
-            self._partial_seed = derive_seed(check_random_state(self.random_state))
-        seed = self._partial_seed + 2 * getattr(self, "n_iter_", 0)
+        # Stored only once the pass succeeded: a failing call leaves the model as it was.
+        partial_seed = getattr(self, "_partial_seed", None)
+        if first or partial_seed is None:
+            partial_seed = derive_seed(check_random_state(self.random_state))
+        seed = partial_seed + 2 * getattr(self, "n_iter_", 0)
         idx = np.arange(len(X))
         if first:
             spec = self._candidate_specs((sizes, mask), X.shape[1])[0]  # no validation rows
@@ -651,6 +655,7 @@ class RealNVPDensity(
             module, X, sample_weight, idx, idx[:0], device, seed + 1, not first,
             max_iter=1, schedule="constant", keep_better=False,
         )
+        self._partial_seed = partial_seed
         if result.diverged:
             self._warn_outcome(result)
         return self

@@ -98,6 +98,40 @@ def _params_finite(params: list[Tensor]) -> bool:
     return not flat or bool(torch.isfinite(torch.cat(flat)).all())
 
 
+def _copy_into(targets: list[Tensor], sources: list[Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):  # one call for every tensor (torch 2.1 and later)
+        torch._foreach_copy_(targets, sources)
+    else:  # pragma: no cover - older torch
+        for t, src in zip(targets, sources):
+            t.copy_(src)
+
+
+def _finiteness_check(params: list[Tensor]) -> Callable[[], bool]:
+    """:func:`_params_finite` of ``params``, prepared for a check after every epoch.
+
+    The parameters are copied by one ``_foreach_copy_`` into slices of a flat buffer made
+    once (parameters are updated in place all through a fit), and the buffer's smallest and
+    largest values are checked: both are finite exactly when every value is (``aminmax``
+    propagates NaN). On CPU that is a tenth of the time of ``isfinite`` over a fresh
+    concatenation, which at the matched size cost a tenth of a one-step epoch of a 455-row
+    set (``isfinite`` is not vectorised there: 2 ns a value). Parameters of several dtypes
+    or devices fall back to :func:`_params_finite`.
+    """
+    sources = [p.detach() for p in params]
+    if sum(p.numel() for p in sources) == 0:
+        return lambda: True
+    if len({(p.dtype, p.device) for p in sources}) > 1:
+        return lambda: _params_finite(params)
+    flat = sources[0].new_empty(sum(p.numel() for p in sources))
+    targets = [t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in sources]), sources)]
+
+    def check() -> bool:
+        _copy_into(targets, sources)
+        return bool(torch.isfinite(torch.stack(torch.aminmax(flat))).all())
+
+    return check
+
+
 def _copy_state(state: dict) -> dict:
     # Clones the tensors: ``copy.deepcopy`` of a state dict goes through Python's generic
     # copying for every tensor and cost about as much as a training step of a small flow.
@@ -114,18 +148,42 @@ def _snapshot(module: nn.Module) -> dict:
     return _copy_state(module.state_dict())
 
 
-def _snapshotter(module: nn.Module) -> Callable[[], dict]:
-    """A function returning :func:`_snapshot` of ``module``, for repeated snapshots.
+class _Snapshots:
+    """Snapshots of ``module``'s state for one fit, in two sets of tensors made once.
 
-    The state dict's tensors are looked up once: training and ``load_state_dict`` change them
-    in place, so the same tensors hold the state all through a fit. (Walking the module tree
-    for every snapshot cost about 0.3 ms, a tenth of a small training step.) Modules with
-    non-tensor state fall back to :func:`_snapshot` on every call.
+    ``take()`` returns :func:`_snapshot` of ``module`` written into the set that ``keep``
+    does not hold; ``keep(snap)`` marks a snapshot from ``take()`` as the one to preserve
+    (the best weights so far). So at most two snapshots are alive, the kept one and the
+    latest, and each snapshot after the first two is one ``_foreach_copy_`` into tensors
+    that already exist instead of a clone per tensor (about a quarter of the time; the
+    snapshot of every epoch cost a twentieth of a one-step epoch). The state dict's tensors
+    are looked up once: training and ``load_state_dict`` change them in place, so the same
+    tensors hold the state all through a fit. Modules with non-tensor state take a fresh
+    :func:`_snapshot` every time.
     """
-    state = module.state_dict(keep_vars=True)
-    if not all(isinstance(v, Tensor) for v in state.values()):
-        return lambda: _snapshot(module)
-    return lambda: _copy_state(state)
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+        state = module.state_dict(keep_vars=True)
+        tensor_state = all(isinstance(v, Tensor) for v in state.values())
+        self._sources = [v.detach() for v in state.values()] if tensor_state else None
+        self._state = state
+        self._sets: list[dict] = []
+        self._kept: dict | None = None
+
+    def take(self) -> dict:
+        if self._sources is None:
+            return _snapshot(self._module)
+        spare = next((s for s in self._sets if s is not self._kept), None)
+        if spare is None:  # the first two snapshots: clones, kept as the two sets
+            spare = _copy_state(self._state)
+            self._sets.append(spare)
+        else:
+            _copy_into(list(spare.values()), self._sources)
+        return spare
+
+    def keep(self, snap: dict) -> None:
+        self._kept = snap
 
 
 def _learning_rate(schedule: str, lr0: float, epoch: int, max_iter: int) -> float:
@@ -236,15 +294,16 @@ def fit_flow(
     if backprop not in ("auto", "autograd"):
         raise ValueError(f"backprop must be 'auto' or 'autograd', got {backprop!r}.")
     manual = manual_gradient(module) if backprop == "auto" else None
-    params = list(module.parameters())
-    snapshot = _snapshotter(module)
+    params_finite = _finiteness_check(list(module.parameters()))
+    snapshots = _Snapshots(module)
     module.train()
     if optimizer is None:
         optimizer = make_adam(module.parameters(), learning_rate_init, alpha)
     result = TrainResult()
     start = time.perf_counter()
     monitor_valid = x_valid is not None and len(x_valid) > 0
-    best_state = snapshot()
+    best_state = snapshots.take()
+    snapshots.keep(best_state)
     result.best_score = (
         _validation_score(module, x_valid, w_valid) if monitor_valid else -math.inf
     )
@@ -256,16 +315,17 @@ def fit_flow(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Without validation the epoch's loss was measured on the weights *during* the
-            # epoch, so it is paired with the weights at the epoch's start.
+            # epoch, so it is paired with the weights at the epoch's start. (A snapshot not
+            # kept is overwritten by the next one.)
             at_start = (
-                snapshot() if keep_better and not monitor_valid else None
+                snapshots.take() if keep_better and not monitor_valid else None
             )
             loss, skipped = _train_epoch(
                 module, optimizer, x_train, w_train, batch_size, generator, transform_batch,
                 manual,
             )
             result.skipped_steps += skipped
-            if not (math.isfinite(loss) and _params_finite(params)):
+            if not (math.isfinite(loss) and params_finite()):
                 result.diverged = True
                 break
             result.loss_curve.append(loss)
@@ -279,7 +339,8 @@ def fit_flow(
             no_improvement = 0 if score > result.best_score + tol else no_improvement + 1
             if score > result.best_score:
                 result.best_score, result.best_epoch = score, epoch
-                best_state = at_start or snapshot()
+                best_state = at_start or snapshots.take()
+                snapshots.keep(best_state)
             if verbose:
                 extra = f", validation score = {score:.5f}" if monitor_valid else ""
                 print_fn(f"Epoch {epoch + 1}, loss = {loss:.5f}{extra}")

@@ -472,6 +472,27 @@ def test_failing_refit_on_other_shaped_data_leaves_model_untouched(
     assert_unchanged(before, fitted, data)
 
 
+@pytest.mark.parametrize("call", ["warm_start", "partial_fit"])
+def test_refit_failing_during_training_leaves_model_untouched(fitted, data, call, monkeypatch):
+    """Training of a fitted model works on a copy: an error after some steps changed its
+    weights must not reach ``module_`` (a fresh fit trains the module it built in place)."""
+    before = snapshot(fitted, data)
+    real_fit_flow = density_module.fit_flow
+
+    def fails_after_training(module, *args, **kwargs):
+        real_fit_flow(module, *args, **kwargs)  # the weights move ...
+        raise RuntimeError("failed after training")  # ... then something breaks
+
+    monkeypatch.setattr(density_module, "fit_flow", fails_after_training)
+    with pytest.raises(RuntimeError, match="failed after training"):
+        if call == "warm_start":
+            fitted.set_params(warm_start=True).fit(data)
+        else:
+            fitted.partial_fit(data)
+    fitted.set_params(warm_start=False)
+    assert_unchanged(before, fitted, data)
+
+
 def test_failing_first_fit_leaves_estimator_unfitted(data):
     est = RealNVPDensity(**{**TINY, "mask": [[1, 0, 1], [1, 1, 0]]})
     with pytest.raises(ValueError, match="never transforms"):

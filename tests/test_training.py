@@ -111,18 +111,21 @@ def _small_flow():
     return build_realnvp(3, n_couplings=2, hidden_layer_sizes=(8,), batch_norm=True)
 
 
-@pytest.mark.parametrize("how", ["snapshot", "snapshotter"])
+@pytest.mark.parametrize("how", ["snapshot", "snapshots"])
 def test_snapshot_is_independent_of_later_training_and_restores_exactly(how):
-    from sknvp._training import _snapshot, _snapshotter
+    from sknvp._training import _snapshot, _Snapshots
 
     flow = _small_flow()
     before = {k: v.clone() for k, v in flow.state_dict().items()}
-    take = _snapshotter(flow) if how == "snapshotter" else (lambda: _snapshot(flow))
-    if how == "snapshotter":  # the tensors are looked up once: train a little first
+    if how == "snapshots":  # the tensors are looked up once: train a little first
+        snapshots = _Snapshots(flow)
+        take = snapshots.take
         with torch.no_grad():
             for p in flow.parameters():
                 p.add_(0.5)
         before = {k: v.clone() for k, v in flow.state_dict().items()}
+    else:
+        take = lambda: _snapshot(flow)  # noqa: E731
     snap = take()
     assert snap.keys() == before.keys()
     with torch.no_grad():
@@ -135,6 +138,67 @@ def test_snapshot_is_independent_of_later_training_and_restores_exactly(how):
     flow.load_state_dict(snap)
     assert all(torch.equal(v, before[k]) for k, v in flow.state_dict().items())
     assert snap._metadata == flow.state_dict()._metadata  # versions kept for loading
+
+
+def _shift_parameters(flow, by):
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(by)
+    return {k: v.clone() for k, v in flow.state_dict().items()}
+
+
+def test_kept_snapshot_survives_later_snapshots_and_unkept_ones_are_reused():
+    from sknvp._training import _Snapshots
+
+    flow = _small_flow()
+    snapshots = _Snapshots(flow)
+    first = _shift_parameters(flow, 0.0)
+    kept = snapshots.take()
+    snapshots.keep(kept)
+    for step in range(1, 5):  # later snapshots, never kept, each of a new state
+        state = _shift_parameters(flow, 1.0)
+        latest = snapshots.take()
+        assert latest is not kept
+        assert all(torch.equal(latest[k], state[k]) for k in state), step
+        assert all(torch.equal(kept[k], first[k]) for k in first), step
+        assert all(v.data_ptr() != flow.state_dict()[k].data_ptr() for k, v in latest.items())
+    # Only two sets of tensors: the unkept snapshot's are written again by the next take.
+    assert snapshots.take() is latest
+    snapshots.keep(latest)  # the latest becomes the kept one; the next take reuses the other
+    state = _shift_parameters(flow, 1.0)
+    again = snapshots.take()
+    assert again is kept and all(torch.equal(again[k], state[k]) for k in state)
+    flow.load_state_dict(latest)
+    assert all(torch.equal(v, latest[k]) for k, v in flow.state_dict().items())
+
+
+def test_snapshots_of_a_module_with_non_tensor_state_are_fresh_copies():
+    from torch import nn
+
+    from sknvp._training import _Snapshots
+
+    class WithExtraState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3))
+            self.note = {"epoch": 0}
+
+        def get_extra_state(self):
+            return dict(self.note)
+
+        def set_extra_state(self, state):
+            self.note = dict(state)
+
+    module = WithExtraState()
+    snapshots = _Snapshots(module)
+    first = snapshots.take()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    module.note["epoch"] = 1
+    second = snapshots.take()
+    assert first is not second
+    assert torch.equal(first["weight"], torch.zeros(3)) and first["_extra_state"] == {"epoch": 0}
+    assert torch.equal(second["weight"], torch.ones(3)) and second["_extra_state"] == {"epoch": 1}
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -150,3 +214,25 @@ def test_params_finite_sees_one_bad_value_in_any_parameter(bad):
             probe[i].view(-1)[-1] = bad
         assert not _params_finite(probe), i
     assert _params_finite([])  # no parameters: nothing to be non-finite
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_finiteness_check_follows_the_parameters_in_place(bad, mixed):
+    from sknvp._training import _finiteness_check
+
+    flow = _small_flow()
+    if mixed:  # parameters of two dtypes: the unprepared check
+        flow.transform[-1].double()
+    params = list(flow.parameters())
+    check = _finiteness_check(params)
+    assert check()
+    for i in (0, len(params) // 2, len(params) - 1):
+        with torch.no_grad():
+            saved = params[i].view(-1)[-1].item()
+            params[i].view(-1)[-1] = bad  # changed in place after the check was made
+        assert not check(), i
+        with torch.no_grad():
+            params[i].view(-1)[-1] = saved
+        assert check(), i
+    assert _finiteness_check([])()
