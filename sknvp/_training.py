@@ -185,6 +185,15 @@ class _Snapshots:
     def keep(self, snap: dict) -> None:
         self._kept = snap
 
+    def restore(self, snap: dict) -> None:
+        """Load ``snap`` into the module: one in-place copy for a snapshot of ``take()``
+        (``load_state_dict`` walks the module tree and checks every key: a few ms a call)."""
+        if self._sources is not None and any(snap is s for s in self._sets):
+            with torch.no_grad():
+                _copy_into(self._sources, list(snap.values()))
+        else:
+            self._module.load_state_dict(snap)
+
 
 def _learning_rate(schedule: str, lr0: float, epoch: int, max_iter: int) -> float:
     if schedule == "cosine":
@@ -225,15 +234,19 @@ def _validation_score(module, x, w) -> float:
     return float(_weighted_mean(evaluate_log_prob(module, x), w))
 
 
-def _keep_better_on_training_data(module, candidate, x, w) -> None:
+def _keep_better_on_training_data(module, candidate, x, w, snapshots=None) -> None:
     """Keep the final weights unless ``candidate`` fits the training data better (a run whose
-    last epochs blew up without producing non-finite numbers)."""
-    final_state = _snapshot(module)
+    last epochs blew up without producing non-finite numbers). ``snapshots``, if given, is
+    the fit's :class:`_Snapshots` that holds ``candidate`` as its kept snapshot."""
+    if snapshots is None:
+        snapshots = _Snapshots(module)
+        snapshots.keep(candidate)
+    final_state = snapshots.take()
     final = _validation_score(module, x, w)
-    module.load_state_dict(candidate)
+    snapshots.restore(candidate)
     best = _validation_score(module, x, w)
     if math.isfinite(final) and not best > final:
-        module.load_state_dict(final_state)
+        snapshots.restore(final_state)
 
 
 def fit_flow(
@@ -349,7 +362,7 @@ def fit_flow(
                     result.converged = True
                     break
                 # Still a large step size: restart from the best weights with smaller steps.
-                module.load_state_dict(best_state)
+                snapshots.restore(best_state)
                 lr_factor *= plateau_factor
                 no_improvement = 0
                 result.lr_drops.append(epoch)
@@ -362,9 +375,9 @@ def fit_flow(
     except KeyboardInterrupt:
         result.interrupted = True
     if monitor_valid or result.diverged or result.interrupted:
-        module.load_state_dict(best_state)
+        snapshots.restore(best_state)
     elif keep_better:
-        _keep_better_on_training_data(module, best_state, x_train, w_train)
+        _keep_better_on_training_data(module, best_state, x_train, w_train, snapshots)
     module.eval()
     result.fit_seconds = time.perf_counter() - start
     return result, optimizer
