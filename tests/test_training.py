@@ -168,8 +168,12 @@ def test_kept_snapshot_survives_later_snapshots_and_unkept_ones_are_reused():
     state = _shift_parameters(flow, 1.0)
     again = snapshots.take()
     assert again is kept and all(torch.equal(again[k], state[k]) for k in state)
-    flow.load_state_dict(latest)
+    flow.log_prob(torch.randn(16, 3))  # batch-norm statistics move too
+    snapshots.restore(latest)  # one in-place copy: every state tensor, buffers included
     assert all(torch.equal(v, latest[k]) for k, v in flow.state_dict().items())
+    foreign = {k: v + 1 if v.is_floating_point() else v for k, v in latest.items()}
+    snapshots.restore(foreign)  # not one of its snapshots: load_state_dict
+    assert all(torch.equal(v, foreign[k]) for k, v in flow.state_dict().items())
 
 
 def test_snapshots_of_a_module_with_non_tensor_state_are_fresh_copies():
