@@ -425,10 +425,12 @@ def test_input_noise_is_reproducible_and_off_by_default():
 
 
 @pytest.mark.slow
-def test_input_noise_closes_the_holes_of_a_small_circles_fit():
-    """2,000 rows of circles (factor 0.5): the default fit tears holes where single held-out
-    rows score thousands of nats below the rest; noise of 0.05 standard deviations does not
-    (docs/benchmarks.md, "Small data: holes, and noise on the inputs")."""
+@pytest.mark.parametrize("seed", [0, 2])
+def test_input_noise_closes_the_holes_of_a_small_circles_fit(seed):
+    """2,000 rows of circles (factor 0.5): the default fit leaves held-out rows tens to
+    thousands of nats below the rest (with the hand-derived gradient, seeds 0 and 2: -86 and
+    -49; with autograd, seed 0: -6,667); noise of 0.05 standard deviations keeps the lowest
+    near -14 (docs/benchmarks.md, "Small data: holes, and noise on the inputs")."""
     from sknvp import datasets
 
     kw = {"factor": 0.5, "noise": 0.05}
@@ -436,7 +438,9 @@ def test_input_noise_closes_the_holes_of_a_small_circles_fit():
     X_test = datasets.make_circles(10_000, random_state=1, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        plain = RealNVPDensity(random_state=0).fit(X)
-        noisy = RealNVPDensity(random_state=0, input_noise=0.05).fit(X)
-    assert plain.score_samples(X_test).min() < -1000  # the failure this is about
-    assert noisy.score_samples(X_test).min() > -50
+        plain = RealNVPDensity(random_state=seed).fit(X)
+        noisy = RealNVPDensity(random_state=seed, input_noise=0.05).fit(X)
+    lowest_plain = plain.score_samples(X_test).min()
+    lowest_noisy = noisy.score_samples(X_test).min()
+    assert lowest_noisy > -25
+    assert lowest_plain < lowest_noisy - 20  # the failure this is about
