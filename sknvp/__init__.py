@@ -2,12 +2,12 @@
 
 :class:`RealNVPDensity` is the entry point for tabular data, :class:`RealNVPImageDensity`
 (the paper's multi-scale architecture) for images. The torch layer underneath
-(:mod:`sknvp.masks`, :mod:`sknvp.nets`, :mod:`sknvp.transforms`, :mod:`sknvp.flows`,
-:mod:`sknvp.multiscale`) does not import scikit-learn and can be used on its own;
+(:mod:`sknvp.masks`, :mod:`sknvp.nets`, :mod:`sknvp.transforms`, :mod:`sknvp.mixture`,
+:mod:`sknvp.em`, :mod:`sknvp.flows`, :mod:`sknvp.multiscale`) does not import scikit-learn and can be used on its own;
 :mod:`sknvp.datasets` holds the 2-D data sets with their exact densities.
 """
 
-from . import datasets, flows, masks, multiscale, nets, transforms
+from . import datasets, em, flows, masks, mixture, multiscale, nets, transforms
 from ._density import RealNVPDensity
 from ._image import RealNVPImageDensity, dequantized_bits_per_dim
 
@@ -19,8 +19,10 @@ __all__ = [
     "__version__",
     "datasets",
     "dequantized_bits_per_dim",
+    "em",
     "flows",
     "masks",
+    "mixture",
     "multiscale",
     "nets",
     "transforms",

@@ -1,4 +1,4 @@
-"""Real-NVP flows: a stack of invertible layers on a standard normal base."""
+"""Real-NVP flows: a stack of invertible layers on a standard normal or Gaussian-mixture base."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .masks import coupling_masks
+from .mixture import GaussianMixtureBase
 from .nets import MLP
 from .transforms import (
     AffineCoupling,
@@ -29,40 +30,74 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 
 class RealNVPFlow(nn.Module):
-    r"""A normalizing flow :math:`z = f(x)` with a standard normal base distribution.
+    r"""A normalizing flow :math:`z = f(x)` to a standard normal latent variable.
 
-    .. math:: \log p(x) = \log \mathcal N(f(x); 0, I) + \log\left|\det \frac{\partial f}{\partial x}\right|
+    .. math:: \log p(x) = \log p_u(g(x)) + \log\left|\det \frac{\partial g}{\partial x}\right|
+
+    where :math:`g` is ``transform`` and :math:`p_u` the base density: a standard normal
+    (``base=None``, as in the paper; then :math:`f = g`) or a trainable
+    :class:`~sknvp.mixture.GaussianMixtureBase`, whose Rosenblatt transform then ends the
+    map to the standard normal latent, :math:`f = R \circ g`. Log-densities use
+    :math:`p_u` directly; only :meth:`forward` and :meth:`inverse` pass through :math:`R`.
 
     Parameters
     ----------
     transform : FlowSequential
-        The invertible map :math:`f` from data to latent space.
+        The invertible map :math:`g` from data to the base's space.
     event_shape : tuple of int
         Shape of one sample (``(n_features,)`` or ``(C, H, W)``).
+    base : GaussianMixtureBase, optional
+        The base density (vector flows only); None for a standard normal.
     """
 
-    def __init__(self, transform: FlowSequential, event_shape: Sequence[int]) -> None:
+    def __init__(
+        self,
+        transform: FlowSequential,
+        event_shape: Sequence[int],
+        base: GaussianMixtureBase | None = None,
+    ) -> None:
         super().__init__()
         self.transform = transform
         self.event_shape = tuple(int(s) for s in event_shape)
+        self.base = base
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "base" not in self.__dict__ and "base" not in self._modules:
+            self.base = None  # pickled before flows had a base
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Map data to latent space; return ``(z, log|det dz/dx|)``."""
-        return self.transform(x)
+        """Map data to the standard normal latent space; return ``(z, log|det dz/dx|)``."""
+        z, log_det = self.transform(x)
+        if self.base is None:
+            return z, log_det
+        z, base_log_det = self.base(z)
+        return z, log_det + base_log_det
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Map latent points to data space; return ``(x, log|det dx/dz|)``."""
-        return self.transform.inverse(z)
+        if self.base is None:
+            return self.transform.inverse(z)
+        u, base_log_det = self.base.inverse(z)
+        x, log_det = self.transform.inverse(u)
+        return x, log_det + base_log_det
+
+    def base_log_prob(self, u: Tensor) -> Tensor:
+        """Log-density of the base at each row of ``u`` (the output of ``transform``)."""
+        return standard_normal_log_prob(u) if self.base is None else self.base.log_prob(u)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Log-density of each row of ``x``, shape ``(batch,)``."""
-        z, log_det = self.transform(x)
-        return standard_normal_log_prob(z) + log_det
+        u, log_det = self.transform(x)
+        return self.base_log_prob(u) + log_det
 
     def sample(
         self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> Tensor:
-        """Draw ``n`` samples; the base normal's standard deviation is ``temperature``."""
+        """Draw ``n`` samples; the base's spread (of the normal, or of each mixture
+        component) is multiplied by ``temperature``."""
+        if self.base is not None:
+            return self.transform.inverse(self.base.sample(n, generator, temperature))[0]
         # The first floating tensor decides: a leading buffer may be a boolean mask.
         tensors = [*self.parameters(), *self.buffers()]
         ref = next((t for t in tensors if t.is_floating_point()), None)
@@ -97,6 +132,7 @@ def build_realnvp(
     scale: Tensor | None = None,
     whitening: Tensor | None = None,
     generator: torch.Generator | None = None,
+    base: GaussianMixtureBase | None = None,
 ) -> RealNVPFlow:
     """Build a vector Real-NVP flow from hyper-parameters.
 
@@ -124,6 +160,8 @@ def build_realnvp(
         the flow starts as a full-covariance Gaussian.
     generator : torch.Generator, optional
         Randomness for ``mask="random"`` (weights use the global RNG: fork it to seed them).
+    base : GaussianMixtureBase, optional
+        Base density over the output of the last layer; None for a standard normal.
     """
     masks = mask if isinstance(mask, Tensor) else coupling_masks(
         mask, n_features, n_couplings, generator
@@ -144,4 +182,4 @@ def build_realnvp(
             layers.append(AffineCoupling(m, net, scale_bound))
         if batch_norm and i < len(masks) - 1:
             layers.append(BatchNormFlow(n_features))
-    return RealNVPFlow(FlowSequential(*layers), (n_features,))
+    return RealNVPFlow(FlowSequential(*layers), (n_features,), base)

@@ -1,0 +1,229 @@
+r"""Expectation-maximisation for full-covariance Gaussian mixtures, with BIC model selection.
+
+What a :class:`~sknvp.mixture.GaussianMixtureBase` starts from: :func:`fit_gaussian_mixture`
+fits one size (k-means++ seeding, a few Lloyd steps, then EM), :func:`select_gaussian_mixture`
+tries sizes 1, 2, ... and keeps the one with the lowest Bayesian information criterion,
+
+.. math:: \mathrm{BIC} = -2 \sum_i w_i \log p(x_i) + m \log n,
+    \qquad m = (K - 1) + K D + K D (D + 1) / 2,
+
+with the weights :math:`w` normalised to sum to the number of rows :math:`n`. The algorithm is
+scikit-learn's ``GaussianMixture(covariance_type="full")`` (``reg_covar`` added to every
+covariance's diagonal, convergence when the mean log-likelihood gains less than ``tol``), with
+sample weights, batched over components, and the E-step in row chunks so that memory stays
+bounded whatever the number of rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["MixtureFit", "fit_gaussian_mixture", "select_gaussian_mixture"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_CHUNK_VALUES = 2**20  # rows x components x features per E-step chunk
+
+
+@dataclass
+class MixtureFit:
+    """A fitted mixture: ``weights`` (K,), ``means`` (K, D), ``precisions_cholesky`` (K, D, D)
+    (upper-triangular, :math:`\\Sigma_k^{-1} = P_k P_k^\\top`), the weighted mean
+    log-likelihood of the rows it was fitted to, its BIC on them, EM iterations run and whether
+    EM converged."""
+
+    weights: Tensor
+    means: Tensor
+    precisions_cholesky: Tensor
+    log_likelihood: float
+    bic: float
+    n_iter: int
+    converged: bool
+
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[0]
+
+
+def _normalised_weights(x: Tensor, weights: Tensor | None) -> Tensor:
+    """Row weights summing to the number of rows."""
+    n = x.shape[0]
+    if weights is None:
+        return x.new_ones(n)
+    w = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
+    return w * (n / w.sum())
+
+
+def _kmeans_plus_plus(x: Tensor, w: Tensor, k: int, generator) -> Tensor:
+    """Seeds drawn one at a time with probability proportional to weight times the squared
+    distance to the nearest seed so far (Arthur & Vassilvitskii, 2007)."""
+    first = torch.multinomial(w, 1, generator=generator)
+    centers = [x[first[0]]]
+    nearest = ((x - centers[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        p = w * nearest
+        p = p if bool(p.sum() > 0) else w  # every row sits on a seed already
+        i = torch.multinomial(p, 1, generator=generator)[0]
+        centers.append(x[i])
+        nearest = torch.minimum(nearest, ((x - x[i]) ** 2).sum(1))
+    return torch.stack(centers)
+
+
+def _lloyd(x: Tensor, w: Tensor, centers: Tensor, n_steps: int) -> Tensor:
+    """A few weighted k-means steps; returns each row's cluster."""
+    k = centers.shape[0]
+    for _ in range(n_steps):
+        labels = torch.cdist(x, centers).argmin(1)
+        counts = x.new_zeros(k).index_add_(0, labels, w)
+        sums = x.new_zeros(centers.shape).index_add_(0, labels, x * w[:, None])
+        filled = counts > 0
+        centers = torch.where(filled[:, None], sums / counts.clamp_min(1e-300)[:, None], centers)
+    return torch.cdist(x, centers).argmin(1)
+
+
+def _precision_cholesky(cov: Tensor) -> Tensor:
+    """Upper-triangular :math:`P` with :math:`P P^\\top = \\Sigma^{-1}` for each covariance."""
+    chol = torch.linalg.cholesky(cov)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)
+
+
+def _chunks(n: int, k: int, d: int):
+    rows = max(1, _CHUNK_VALUES // max(k * d, 1))
+    return [slice(a, min(a + rows, n)) for a in range(0, n, rows)]
+
+
+def _log_prob_components(x: Tensor, log_w: Tensor, means: Tensor, prec: Tensor) -> Tensor:
+    """:math:`\\log w_k + \\log \\mathcal N(x_i; \\mu_k, \\Sigma_k)`, shape (n, K)."""
+    K, D = means.shape
+    stacked = prec.permute(1, 0, 2).reshape(D, K * D)
+    y = (x @ stacked).view(-1, K, D) - torch.einsum("kd,kde->ke", means, prec)
+    log_det = torch.log(torch.diagonal(prec, dim1=1, dim2=2)).sum(1)
+    return log_w + log_det - D * _HALF_LOG_2PI - 0.5 * (y * y).sum(2)
+
+
+def _moments(x: Tensor, k: int, weighted_responsibilities):
+    """Zeroth, first and second moments of the rows per component, and the summed second
+    output of ``weighted_responsibilities(rows) -> (r, total)`` (r of shape (rows, k)),
+    accumulated over row chunks."""
+    d = x.shape[1]
+    n_k, s_x, s_xx = x.new_zeros(k), x.new_zeros(k, d), x.new_zeros(k, d, d)
+    total = x.new_zeros(())
+    for s in _chunks(x.shape[0], k, d):
+        xc = x[s]
+        r, part = weighted_responsibilities(s)
+        total += part
+        n_k += r.sum(0)
+        s_x += r.t() @ xc
+        s_xx += (r.t()[:, :, None] * xc).transpose(1, 2) @ xc
+    return n_k, s_x, s_xx, total
+
+
+def _statistics(x: Tensor, w: Tensor, log_w, means, prec):
+    """E-step: the moments under the responsibilities, and the weighted log-likelihood."""
+
+    def soft(s):
+        lp = _log_prob_components(x[s], log_w, means, prec)
+        lse = torch.logsumexp(lp, 1)
+        return torch.exp(lp - lse[:, None]) * w[s, None], (lse * w[s]).sum()
+
+    return _moments(x, means.shape[0], soft)
+
+
+def _m_step(n_k, s_x, s_xx, reg_covar: float):
+    n_k = n_k + 10 * torch.finfo(n_k.dtype).eps  # an empty component keeps finite numbers
+    means = s_x / n_k[:, None]
+    cov = s_xx / n_k[:, None, None] - means[:, :, None] * means[:, None, :]
+    cov = 0.5 * (cov + cov.transpose(1, 2))
+    cov = cov + reg_covar * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return torch.log(n_k / n_k.sum()), means, _precision_cholesky(cov)
+
+
+def _hard_statistics(x: Tensor, w: Tensor, labels: Tensor, k: int):
+    """The moments of the k-means clusters (each row wholly in its cluster)."""
+
+    def hard(s):
+        r = torch.nn.functional.one_hot(labels[s], k).to(x.dtype) * w[s, None]
+        return r, x.new_zeros(())
+
+    return _moments(x, k, hard)[:3]
+
+
+def fit_gaussian_mixture(
+    x: Tensor,
+    n_components: int,
+    *,
+    weights: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reg_covar: float = 1e-6,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    n_lloyd: int = 10,
+) -> MixtureFit:
+    """Fit a ``n_components`` full-covariance Gaussian mixture to the rows of ``x`` by EM.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n_samples, n_features)
+        Rows (float64 recommended).
+    n_components : int
+        Number of components, at most ``n_samples``.
+    weights : Tensor of shape (n_samples,), optional
+        Non-negative row weights (a row of weight 2 counts as two rows).
+    generator : torch.Generator, optional
+        Randomness of the k-means++ seeding.
+    reg_covar : float, default=1e-6
+        Added to the diagonal of every covariance.
+    tol : float, default=1e-3
+        EM stops when the weighted mean log-likelihood gains less than this.
+    max_iter : int, default=100
+        Most EM iterations.
+    n_lloyd : int, default=10
+        k-means steps after the seeding, whose clusters start EM.
+    """
+    n, d = x.shape
+    if not 1 <= n_components <= n:
+        raise ValueError(f"n_components must be in [1, {n}] for {n} rows, got {n_components}.")
+    w = _normalised_weights(x, weights)
+    seeds = _kmeans_plus_plus(x, w, n_components, generator)
+    labels = _lloyd(x, w, seeds, n_lloyd)
+    log_w, means, prec = _m_step(*_hard_statistics(x, w, labels, n_components), reg_covar)
+    previous, converged, n_iter = -math.inf, False, 0
+    while n_iter < max_iter and not converged:
+        n_iter += 1
+        n_k, s_x, s_xx, total = _statistics(x, w, log_w, means, prec)
+        mean_ll = float(total) / n
+        log_w, means, prec = _m_step(n_k, s_x, s_xx, reg_covar)
+        converged = abs(mean_ll - previous) < tol
+        previous = mean_ll
+    # The returned parameters are one M-step past the last E-step: score them.
+    total = _statistics(x, w, log_w, means, prec)[3]
+    mean_ll = float(total) / n
+    n_params = (n_components - 1) + n_components * d * (d + 3) // 2
+    bic = -2.0 * float(total) + n_params * math.log(n)
+    return MixtureFit(torch.exp(log_w), means, prec, mean_ll, bic, n_iter, converged)
+
+
+def select_gaussian_mixture(
+    x: Tensor,
+    *,
+    weights: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    max_components: int = 50,
+    patience: int = 4,
+    **kwargs,
+) -> MixtureFit:
+    """The mixture of lowest BIC among sizes 1, 2, ...: stops after ``patience`` sizes in a
+    row without a lower BIC, at ``max_components`` or at the number of rows. Other keyword
+    arguments go to :func:`fit_gaussian_mixture`."""
+    best = None
+    for k in range(1, min(max_components, x.shape[0]) + 1):
+        fit = fit_gaussian_mixture(x, k, weights=weights, generator=generator, **kwargs)
+        if best is None or fit.bic < best.bic:
+            best = fit
+        elif k - best.n_components >= patience:
+            break
+    return best

@@ -1,0 +1,218 @@
+"""The Gaussian-mixture base (sknvp.mixture) and its EM start (sknvp.em)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import special, stats
+from sklearn.mixture import GaussianMixture
+
+import sknvp.em as em
+from sknvp.em import fit_gaussian_mixture, select_gaussian_mixture
+from sknvp.flows import build_realnvp
+from sknvp.mixture import GaussianMixtureBase, _ndtri_exp
+
+from strategies import random_mixture, randomize_, seeds
+
+
+def _as_sklearn(mix: GaussianMixtureBase) -> GaussianMixture:
+    """A scikit-learn GaussianMixture with the same parameters (for reference densities)."""
+    prec = mix.precisions_cholesky().detach().numpy()
+    gmm = GaussianMixture(mix.n_components, covariance_type="full")
+    gmm.weights_ = torch.softmax(mix.logits, 0).detach().numpy()
+    gmm.means_ = mix.means.detach().numpy()
+    gmm.precisions_cholesky_ = prec
+    gmm.covariances_ = np.linalg.inv(prec @ prec.transpose(0, 2, 1))
+    return gmm
+
+
+@given(k=st.integers(1, 5), d=st.integers(1, 5), seed=seeds)
+def test_log_prob_is_the_mixture_density(k, d, seed):
+    mix = random_mixture(k, d, seed)
+    u = torch.randn(40, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        ours = mix.log_prob(3 * u).numpy()
+    np.testing.assert_allclose(ours, _as_sklearn(mix).score_samples(3 * u.numpy()), atol=1e-9)
+
+
+@given(k=st.integers(1, 4), d=st.integers(1, 4), seed=seeds)
+def test_rosenblatt_log_det_is_the_jacobian_and_the_map_is_triangular(k, d, seed):
+    mix = random_mixture(k, d, seed)
+    gen = torch.Generator().manual_seed(seed)
+    u = mix.sample(3, gen).detach()
+    for row in u:
+        jac = torch.autograd.functional.jacobian(lambda v: mix(v[None])[0][0], row)
+        _, log_det = mix(row[None])
+        assert torch.allclose(torch.slogdet(jac)[1], log_det[0].detach(), atol=1e-7)
+        assert torch.allclose(jac, torch.tril(jac), atol=1e-10)  # z_d depends on u_{<=d}
+
+
+@given(k=st.integers(1, 4), d=st.integers(1, 4), seed=seeds)
+@settings(max_examples=30)
+def test_inverse_undoes_forward(k, d, seed):
+    mix = random_mixture(k, d, seed)
+    with torch.no_grad():
+        u = mix.sample(50, torch.Generator().manual_seed(seed))
+        z, log_det = mix(u)
+        back, inv_log_det = mix.inverse(z)
+    assert torch.allclose(back, u, atol=1e-8)
+    assert torch.allclose(log_det + inv_log_det, torch.zeros_like(log_det), atol=1e-7)
+    # log p(u) = log N(z) + log|dz/du|
+    normal = -0.5 * (z * z).sum(1) - 0.5 * d * np.log(2 * np.pi)
+    assert torch.allclose(normal + log_det, mix.log_prob(u), atol=1e-8)
+
+
+def test_rosenblatt_maps_the_mixture_to_a_standard_normal():
+    mix = random_mixture(3, 3, 0)
+    with torch.no_grad():
+        z = mix(mix.sample(4000, torch.Generator().manual_seed(1)))[0].numpy()
+    for j in range(3):
+        assert stats.kstest(z[:, j], "norm").pvalue > 1e-3
+    assert np.abs(np.corrcoef(z.T) - np.eye(3)).max() < 0.06
+    # ...and the inverse maps normal draws to the mixture (its log-density has the same law)
+    with torch.no_grad():
+        draws = mix.inverse(torch.randn(3000, 3, dtype=torch.float64))[0]
+        direct = mix.sample(3000, torch.Generator().manual_seed(2))
+        p_value = stats.ks_2samp(mix.log_prob(draws).numpy(), mix.log_prob(direct).numpy())[1]
+    assert p_value > 1e-3
+
+
+def test_ndtri_exp_matches_scipy_in_both_regimes():
+    log_p = np.array([-1e5, -3e3, -745.0, -100.0, -31.0, -30.0, -10.0, -1.0, np.log(0.5)])
+    ours = _ndtri_exp(torch.as_tensor(log_p)).numpy()
+    np.testing.assert_allclose(ours, special.ndtri_exp(log_p), rtol=1e-10)
+
+
+def test_far_tails_give_finite_latents():
+    mix = random_mixture(2, 2, 3)
+    u = torch.tensor([[1e3, -1e3], [-50.0, 80.0], [1e8, 1e8]], dtype=torch.float64)
+    with torch.no_grad():
+        z, log_det = mix(u)
+    assert torch.isfinite(z).all() and torch.isfinite(log_det).all()
+
+
+def test_temperature_narrows_each_component():
+    mix = random_mixture(1, 2, 4)
+    with torch.no_grad():
+        cold = mix.sample(2000, torch.Generator().manual_seed(0), temperature=0.25)
+        warm = mix.sample(2000, torch.Generator().manual_seed(0))
+    ratio = (cold - mix.means).std(0) / (warm - mix.means).std(0)
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.25), rtol=1e-8)
+
+
+def test_constructor_checks_shapes_and_signs():
+    w, m, p = torch.ones(2), torch.zeros(2, 3), torch.eye(3).repeat(2, 1, 1)
+    with pytest.raises(ValueError, match="shape"):
+        GaussianMixtureBase(torch.ones(3), m, p)
+    with pytest.raises(ValueError, match="shape"):
+        GaussianMixtureBase(w, m, torch.eye(2).repeat(2, 1, 1))
+    with pytest.raises(ValueError, match="positive"):
+        GaussianMixtureBase(torch.tensor([1.0, 0.0]), m, p)
+    with pytest.raises(ValueError, match="positive"):
+        GaussianMixtureBase(w, m, -p)
+
+
+def test_placeholder_loads_a_saved_state():
+    mix = random_mixture(3, 2, 5)
+    other = GaussianMixtureBase.placeholder(3, 2)
+    other.load_state_dict(mix.state_dict())
+    u = torch.randn(10, 2, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(other.log_prob(u), mix.log_prob(u))
+
+
+@given(d=st.integers(2, 4), k=st.integers(1, 3), seed=seeds)
+@settings(max_examples=20)
+def test_flow_with_a_mixture_base_is_a_flow_to_a_standard_normal(d, k, seed):
+    torch.manual_seed(seed)
+    flow = randomize_(build_realnvp(d, 3, (6,), base=random_mixture(k, d, seed)).double(), seed,
+                      scale=0.3)
+    x = torch.randn(30, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        z, log_det = flow(x)
+        normal = -0.5 * (z * z).sum(1) - 0.5 * d * np.log(2 * np.pi)
+        assert torch.allclose(normal + log_det, flow.log_prob(x), atol=1e-8)
+        back, inv_log_det = flow.inverse(z)
+    assert torch.allclose(back, x, atol=1e-7)
+    assert torch.allclose(inv_log_det, -log_det, atol=1e-6)
+
+
+def test_mixture_flow_density_integrates_to_one_in_2d():
+    torch.manual_seed(0)
+    flow = randomize_(build_realnvp(2, 4, (8,), base=random_mixture(3, 2, 0)).double(), 0,
+                      scale=0.3)
+    grid = torch.linspace(-25, 25, 1001, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    with torch.no_grad():
+        p = torch.exp(flow.log_prob(torch.stack([xx.ravel(), yy.ravel()], 1)))
+    cell = float(grid[1] - grid[0]) ** 2
+    assert abs(float(p.sum()) * cell - 1.0) < 2e-3
+
+
+def test_old_pickles_of_a_flow_load_with_a_normal_base():
+    import pickle
+
+    torch.manual_seed(0)
+    flow = build_realnvp(2, 2, (4,))
+    vars(flow).pop("base", None)  # what a flow pickled before bases existed holds
+    flow._modules.pop("base", None)
+    assert not hasattr(flow, "base")
+    loaded = pickle.loads(pickle.dumps(flow))
+    assert loaded.base is None
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        assert torch.isfinite(loaded.log_prob(x)).all()
+
+
+# ---------------------------------------------------------------------------------- EM
+
+
+def _clusters(n=600, seed=0):
+    rng = np.random.RandomState(seed)
+    centers = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    labels = rng.randint(3, size=n)
+    return centers[labels] + rng.randn(n, 2) * [0.5, 1.0], centers
+
+
+def test_em_recovers_separated_clusters_and_bic_picks_their_number():
+    X, centers = _clusters()
+    fit = select_gaussian_mixture(torch.as_tensor(X), generator=torch.Generator().manual_seed(0))
+    assert fit.n_components == 3 and fit.converged
+    found = fit.means.numpy()[np.argsort(fit.means.numpy() @ [1.0, 3.0])]
+    np.testing.assert_allclose(found, centers[[0, 1, 2]], atol=0.2)
+    ref = GaussianMixture(3, random_state=0).fit(X)
+    assert abs(fit.log_likelihood - ref.score(X)) < 1e-3
+    assert abs(fit.bic - ref.bic(X)) < 1.0
+
+
+def test_em_with_one_component_is_the_weighted_gaussian_fit():
+    X, _ = _clusters(200)
+    w = np.random.RandomState(1).uniform(0.2, 3.0, size=len(X))
+    fit = fit_gaussian_mixture(torch.as_tensor(X), 1, weights=torch.as_tensor(w))
+    mean = np.average(X, axis=0, weights=w)
+    cov = np.cov(X, rowvar=False, aweights=w, bias=True) + 1e-6 * np.eye(2)
+    np.testing.assert_allclose(fit.means.numpy()[0], mean, rtol=1e-12)
+    prec = fit.precisions_cholesky.numpy()[0]
+    np.testing.assert_allclose(np.linalg.inv(prec @ prec.T), cov, rtol=1e-10)
+    logp = stats.multivariate_normal(mean, cov).logpdf(X)
+    assert fit.log_likelihood == pytest.approx(np.average(logp, weights=w), rel=1e-12)
+
+
+def test_em_chunks_do_not_change_the_result(monkeypatch):
+    X, _ = _clusters(300)
+    x = torch.as_tensor(X)
+    whole = fit_gaussian_mixture(x, 3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(em, "_CHUNK_VALUES", 7)
+    chunked = fit_gaussian_mixture(x, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(chunked.means, whole.means, atol=1e-10)
+    assert chunked.log_likelihood == pytest.approx(whole.log_likelihood, abs=1e-10)
+
+
+def test_em_survives_duplicates_and_more_components_than_clusters():
+    X = np.repeat(np.array([[0.0, 0.0], [1.0, 1.0]]), 20, axis=0)
+    fit = fit_gaussian_mixture(torch.as_tensor(X), 4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(fit.means).all() and torch.isfinite(fit.precisions_cholesky).all()
+    assert np.isfinite(fit.log_likelihood)
+    with pytest.raises(ValueError, match="n_components"):
+        fit_gaussian_mixture(torch.as_tensor(X[:3]), 4)
