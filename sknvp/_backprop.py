@@ -19,10 +19,18 @@ summing to one) gives, from the gradient :math:`\bar y` of the layers above,
     \bar x_b = \bar y_b \odot e^{s}, \quad \bar x_a = \bar y_a + J_g^\top (\bar{\tilde s}, \bar t),
 
 with :math:`J_g^\top` the conditioner's backward pass (matrix products and the activation's
-derivative). The base's gradient is :math:`\bar z = w \odot z`. ``tests/test_backprop.py``
-checks every gradient against autograd.
+derivative). A standard normal base gives :math:`\bar z = w \odot z`. A Gaussian-mixture base
+(:class:`~sknvp.mixture.GaussianMixtureBase`) with standardised residuals
+:math:`\varepsilon_k = P_k^\top (z - \mu_k)` and responsibilities :math:`r_k` gives
+:math:`\bar\varepsilon_k = w r_k \varepsilon_k`, :math:`\bar z = \sum_k P_k
+\bar\varepsilon_k`, :math:`\bar\mu_k = -P_k \sum_i \bar\varepsilon_{ik}`,
+:math:`\bar P_k = \sum_i (z_i - \mu_k) \bar\varepsilon_{ik}^\top` (plus
+:math:`-\sum_i w_i r_{ik}` on each log-diagonal entry, from the log-determinant) and
+:math:`\bar\ell = \mathrm{softmax}(\ell) - \sum_i w_i r_i` for the weights' logits.
+``tests/test_backprop.py`` checks every gradient against autograd.
 
-Supported: a :class:`~sknvp.flows.RealNVPFlow` whose layers are
+Supported: a :class:`~sknvp.flows.RealNVPFlow` (standard normal or Gaussian-mixture base) whose
+layers are
 :class:`~sknvp.transforms.Standardize`, :class:`~sknvp.transforms.TriangularWhitening` (both
 fixed, before any coupling) and :class:`~sknvp.transforms.SplitAffineCoupling` with an
 :class:`~sknvp.nets.MLP` conditioner of plain ``nn.Linear`` layers and the registry's
@@ -43,6 +51,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from .flows import RealNVPFlow
+from .mixture import GaussianMixtureBase
 from .nets import MLP, tanh_
 from .transforms import SplitAffineCoupling, Standardize, TriangularWhitening
 
@@ -189,16 +198,59 @@ class _Coupling:
         return self.join(torch.addmm(g_kept, g_h, weights[0]), g_free * es)
 
 
+class _MixtureBase:
+    """The negative log-likelihood of a :class:`GaussianMixtureBase` and its gradients."""
+
+    def __init__(self, base: GaussianMixtureBase) -> None:
+        self.base = base
+        self.params = (base.logits, base.means, base.log_diag, base.upper)
+
+    def loss_and_grad(self, z: Tensor, w_col: Tensor) -> tuple[Tensor, Tensor]:
+        """``-sum_i w_i log p(z_i)`` (``w_col`` of shape (n, 1) or (1, 1), summing to one over
+        the rows); writes the base's parameter gradients and returns the gradient in ``z``."""
+        base = self.base
+        n, D = z.shape
+        K = base.n_components
+        prec = base.precisions_cholesky()
+        stacked = prec.permute(1, 0, 2).reshape(D, K * D)
+        eps = (z @ stacked).view(n, K, D) - torch.einsum("kd,kde->ke", base.means, prec)
+        lp = torch.log_softmax(base.logits, 0) + base.log_diag.sum(1) - D * _HALF_LOG_2PI
+        lp = lp - 0.5 * (eps * eps).sum(2)  # (n, K): log pi_k + log N(z_i; mu_k, Sigma_k)
+        lse = torch.logsumexp(lp, 1, keepdim=True)
+        loss = -(lse * w_col).sum()
+        wr = torch.exp(lp - lse).mul_(w_col)  # w_i r_ik
+        g_eps = (eps * wr.unsqueeze(2)).reshape(n, K * D)
+        g_z = g_eps @ stacked.t()
+        col = g_eps.sum(0).view(K, D)  # sum over rows of each component's residual gradient
+        resp = wr.sum(0)  # sum_i w_i r_ik
+        g_prec = (z.t() @ g_eps).view(D, K, D).permute(1, 0, 2)
+        g_prec = g_prec - base.means.unsqueeze(2) * col.unsqueeze(1)
+        g_logits, g_means, g_log_diag, g_upper = (p.grad for p in self.params)
+        g_logits.copy_(torch.softmax(base.logits, 0) - resp)
+        g_means.copy_(torch.einsum("kde,ke->kd", prec, col).neg_())
+        g_log_diag.copy_(torch.diagonal(g_prec, dim1=1, dim2=2) * torch.exp(base.log_diag))
+        g_log_diag.sub_(resp.unsqueeze(1))
+        g_upper.copy_(g_prec * base._strict_upper)
+        return loss, g_z
+
+
 class ManualGradient:
     """Loss and parameter gradients of a supported flow without autograd.
 
     Use :func:`manual_gradient` to build one (it checks the flow is supported).
     """
 
-    def __init__(self, flow: RealNVPFlow, prefix: list[nn.Module], couplings: list[_Coupling]):
+    def __init__(
+        self,
+        flow: RealNVPFlow,
+        prefix: list[nn.Module],
+        couplings: list[_Coupling],
+        base: _MixtureBase | None = None,
+    ):
         self.flow = flow
         self.prefix = prefix
         self.couplings = couplings
+        self.base = base
         self.params = list(flow.parameters())
 
     def _ensure_grads(self) -> None:
@@ -225,18 +277,23 @@ class ManualGradient:
             s_sum = s.sum(1) if w is not None else s.sum()
             s_total = s_sum if s_total is None else s_total + s_sum
         z = x
-        if w is None:
+        if self.base is not None:
+            w_col = z.new_full((1, 1), 1.0 / n) if w is None else (w / w.sum()).reshape(n, 1)
+            loss, g = self.base.loss_and_grad(z, w_col)
+            s_mean = s_total / n if w is None else torch.dot(s_total, w_col.reshape(-1))
+            loss = loss - s_mean - const
+        elif w is None:
             # mean over rows of 0.5 |z|^2 - sum s, plus the constants
             sq = torch.dot(z.reshape(-1), z.reshape(-1))
-            loss = (0.5 * sq - s_total) / n
+            loss = (0.5 * sq - s_total) / n + 0.5 * z.shape[1] * _LOG_2PI - const
             w_col = z.new_full((1, 1), 1.0 / n)  # broadcasts over the rows
+            g = z * w_col
         else:
             w_col = (w / w.sum()).reshape(n, 1)
             per_row = 0.5 * (z * z).sum(1) - s_total
-            loss = torch.dot(per_row, w_col.reshape(-1))
-        loss = loss + 0.5 * z.shape[1] * _LOG_2PI - const
+            loss = torch.dot(per_row, w_col.reshape(-1)) + 0.5 * z.shape[1] * _LOG_2PI - const
+            g = z * w_col
         neg_w = -w_col
-        g = z * w_col
         last = len(self.couplings) - 1
         for i in range(last, -1, -1):
             g = self.couplings[i].backward(g, neg_w, caches[i], need_input_grad=i > 0)
@@ -244,6 +301,7 @@ class ManualGradient:
 
 
 _LOG_2PI = math.log(2 * math.pi)
+_HALF_LOG_2PI = 0.5 * _LOG_2PI
 
 
 def manual_gradient(module: nn.Module) -> ManualGradient | None:
@@ -265,4 +323,7 @@ def manual_gradient(module: nn.Module) -> ManualGradient | None:
             return None
     if not couplings or any(p.requires_grad is False for p in module.parameters()):
         return None
-    return ManualGradient(module, prefix, couplings)
+    if module.base is not None and type(module.base) is not GaussianMixtureBase:
+        return None
+    base = None if module.base is None else _MixtureBase(module.base)
+    return ManualGradient(module, prefix, couplings, base)

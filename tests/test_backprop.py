@@ -15,10 +15,10 @@ from sknvp._training import fit_flow
 from sknvp.flows import build_realnvp
 from sknvp.multiscale import build_multiscale
 
-from strategies import activations, mask_kinds, randomize_, seeds
+from strategies import activations, mask_kinds, random_mixture, randomize_, seeds
 
 
-def _flow(d, k, sizes, activation, mask, whiten, seed, scale_bound=2.0):
+def _flow(d, k, sizes, activation, mask, whiten, seed, scale_bound=2.0, n_components=0):
     gen = torch.Generator().manual_seed(seed)
     loc = torch.randn(d, generator=gen, dtype=torch.float64)
     scale = torch.rand(d, generator=gen, dtype=torch.float64) + 0.5
@@ -30,6 +30,7 @@ def _flow(d, k, sizes, activation, mask, whiten, seed, scale_bound=2.0):
     flow = build_realnvp(
         d, k, sizes, activation, mask, scale_bound=scale_bound, loc=loc, scale=scale,
         whitening=whitening, generator=gen,
+        base=random_mixture(n_components, d, seed) if n_components else None,
     ).double()
     return randomize_(flow, seed, scale=0.3)
 
@@ -59,12 +60,14 @@ def _manual_loss_and_grads(flow, x, w):
     whiten=st.booleans(),
     weighted=st.booleans(),
     scale_bound=st.sampled_from([0.5, 2.0, 7.0]),
+    n_components=st.integers(0, 4),  # 0: the standard normal base
     seed=seeds,
 )
 def test_manual_gradient_equals_autograd(
-    d, k, sizes, activation, mask, whiten, weighted, scale_bound, seed
+    d, k, sizes, activation, mask, whiten, weighted, scale_bound, n_components, seed
 ):
-    flow = _flow(d, k, tuple(sizes), activation, mask, whiten, seed, scale_bound)
+    flow = _flow(d, k, tuple(sizes), activation, mask, whiten, seed, scale_bound, n_components)
+    assert (flow.base is None) == (n_components == 0)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(33, d, generator=gen, dtype=torch.float64) * 1.5
     w = torch.rand(33, generator=gen, dtype=torch.float64) if weighted else None
@@ -117,6 +120,15 @@ def test_manual_gradient_is_only_used_where_it_is_exact():
     assert manual_gradient(frozen) is None
     image = build_multiscale((1, 4, 4), n_scales=1, n_channels=4, n_blocks=1)
     assert manual_gradient(image) is None
+    # a mixture base is supported; a base of another kind (here a subclass) is not
+    assert manual_gradient(build_realnvp(3, 2, (4,), base=random_mixture(2, 3, 0))) is not None
+
+    class OtherBase(type(random_mixture(2, 3, 0))):
+        pass
+
+    other = build_realnvp(3, 2, (4,), base=random_mixture(2, 3, 0))
+    other.base.__class__ = OtherBase
+    assert manual_gradient(other) is None
 
 
 def test_fit_flow_rejects_an_unknown_backprop():
