@@ -384,6 +384,7 @@ def matched_params(cfg: Config, seed: int) -> dict:
         activation="relu",
         mask="alternating",
         batch_norm=False,
+        base="normal",  # the peers' flows have a standard normal base
         learning_rate="constant",
         alpha=0.0,
         early_stopping=False,

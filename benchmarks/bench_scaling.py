@@ -61,6 +61,7 @@ ARCH = {
     "early_stopping": False,
     "device": "cpu",
     "random_state": 0,
+    "base": "normal",  # epoch time of the flow alone (a mixture base adds an EM fit first)
 }
 MB = 2**20
 FIELDS = [

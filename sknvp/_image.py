@@ -203,6 +203,7 @@ class RealNVPImageDensity(RealNVPDensity):
             if k not in (
                 "n_couplings", "hidden_layer_sizes", "mask", "whiten", "inference_dtype",
                 "input_noise",  # images get dequantisation noise instead
+                "base", "n_components",  # the multi-scale flow maps to a standard normal
             )
         },
         "image_shape": [None, tuple, list],

@@ -225,6 +225,7 @@ def _estimator(cfg: StudyConfig, fit: Fit, **overrides):
         batch_size=cfg.batch_size, learning_rate_init=cfg.learning_rate_init,
         n_iter_no_change=max(5, math.ceil(cfg.patience_steps / per_epoch)),
         random_state=fit.seed, device=cfg.device,
+        base="normal",  # the study's flows, as the paper's, map to a standard normal
     )
     return RealNVPDensity(**{**params, **overrides})
 
@@ -384,7 +385,7 @@ def _step_seconds(cfg: StudyConfig, fit: Fit) -> float:
     est = RealNVPDensity(
         n_couplings=fit.n_couplings, hidden_layer_sizes=fit.hidden, activation=fit.activation,
         max_iter=4, batch_size=cfg.batch_size, early_stopping=False, random_state=0,
-        device=cfg.device,
+        device=cfg.device, base="normal",
     )
     with _torch_threads(cfg.threads), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from sknvp import RealNVPDensity
 from sknvp.flows import build_realnvp
+from sknvp.mixture import GaussianMixtureBase
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -116,6 +117,9 @@ def test_state_dict_recipe_of_the_persistence_page(tmp_path, whiten):
     torch.save(flow.module_.state_dict(), tmp_path / "flow_weights.pt")
     state = torch.load(tmp_path / "flow_weights.pt")
     masks = torch.stack([v for k, v in state.items() if k.endswith(".mask")])
+    base = None
+    if "base.means" in state:
+        base = GaussianMixtureBase.placeholder(*state["base.means"].shape)
     module = build_realnvp(
         n_features=flow.n_features_in_,
         n_couplings=flow.n_couplings,
@@ -127,6 +131,7 @@ def test_state_dict_recipe_of_the_persistence_page(tmp_path, whiten):
         loc=torch.zeros(flow.n_features_in_, dtype=torch.float64),
         scale=torch.ones(flow.n_features_in_, dtype=torch.float64),
         whitening=torch.eye(flow.n_features_in_, dtype=torch.float64) if flow.whiten_ else None,
+        base=base,
     ).double()
     module.load_state_dict(state)
     module.eval()
@@ -135,13 +140,18 @@ def test_state_dict_recipe_of_the_persistence_page(tmp_path, whiten):
     np.testing.assert_allclose(log_p, flow.score_samples(X), rtol=0, atol=1e-10)
 
 
-def test_one_feature_model_is_gaussian():
-    """docs/user_guide/flows.rst: with one feature every coupling is affine, so the
-    log-density is a quadratic in x (a Gaussian), even for bimodal data."""
+def test_one_feature_model_is_gaussian_on_a_normal_base():
+    """docs/user_guide/flows.rst: with one feature every coupling is affine, so on a standard
+    normal base the log-density is a quadratic in x (a Gaussian), even for bimodal data;
+    the mixture base fits both modes."""
     rng = np.random.RandomState(0)
     X = np.r_[rng.randn(100) - 3.0, rng.randn(100) + 3.0][:, None]
-    flow = RealNVPDensity(**{**TINY, "n_couplings": 4, "max_iter": 10}).fit(X)
+    flow = RealNVPDensity(**{**TINY, "n_couplings": 4, "max_iter": 10, "base": "normal"}).fit(X)
     grid = np.linspace(-6.0, 6.0, 25)[:, None]
     second_diff = np.diff(flow.score_samples(grid), 2)
     np.testing.assert_allclose(second_diff, second_diff[0], rtol=1e-6)
     assert second_diff[0] < 0
+    mixture = RealNVPDensity(**{**TINY, "n_couplings": 4, "max_iter": 10}).fit(X)
+    assert mixture.n_components_ == 2
+    at = mixture.score_samples(np.array([[-3.0], [0.0], [3.0]]))
+    assert at[0] > at[1] + 2 and at[2] > at[1] + 2  # two modes, a trough between them

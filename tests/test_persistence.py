@@ -12,7 +12,8 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal, norm
 from sklearn.exceptions import ConvergenceWarning
 
 import sknvp._training as training_module
@@ -325,15 +326,32 @@ def test_keyboard_interrupt_keeps_the_best_weights_so_far(monkeypatch, at_batch)
     assert_same_model(pickle.loads(pickle.dumps(est)), est, data)
 
 
-def test_keyboard_interrupt_in_first_epoch_keeps_initial_flow(data, monkeypatch):
-    """Nothing trained yet: the flow is its initial state, a Gaussian with the data's mean and
-    standard deviation per feature (identity couplings after standardisation)."""
+@pytest.mark.parametrize("base", ["normal", "mixture"])
+def test_keyboard_interrupt_in_first_epoch_keeps_initial_flow(data, monkeypatch, base):
+    """Nothing trained yet: the flow is its initial state (identity couplings after the
+    standardisation): a Gaussian with the data's mean and standard deviation per feature on a
+    normal base, the base's Gaussian mixture carried into data units on a mixture base."""
     _interrupting_train_epoch(monkeypatch, at_epoch=0, at_batch=1)
-    est = RealNVPDensity(**{**TINY, "early_stopping": False, "dtype": "float64"})
+    est = RealNVPDensity(**{**TINY, "early_stopping": False, "dtype": "float64", "base": base})
     caught = _fit_warnings(est, data)
     assert any("interrupted after 0 epoch" in str(w.message) for w in caught)
     assert est.n_iter_ == 0 and est.loss_curve_ == [] and est.best_validation_score_ is None
-    expected = norm.logpdf(data, data.mean(0), data.std(0)).sum(1)
+    if base == "normal":
+        expected = norm.logpdf(data, data.mean(0), data.std(0)).sum(1)
+    else:
+        mix = est.module_.base
+        prec = mix.precisions_cholesky().detach().numpy()
+        loc, scale = data.mean(0), data.std(0)
+        parts = [
+            np.log(w) + multivariate_normal(
+                loc + scale * m, np.outer(scale, scale) * np.linalg.inv(p @ p.T)
+            ).logpdf(data)
+            for w, m, p in zip(
+                torch.softmax(mix.logits, 0).detach().numpy(), mix.means.detach().numpy(),
+                prec, strict=True,
+            )
+        ]
+        expected = logsumexp(np.column_stack(parts), axis=1)
     np.testing.assert_allclose(est.score_samples(data), expected, rtol=1e-10)
 
 

@@ -16,7 +16,9 @@ from sknvp import RealNVPDensity, RealNVPImageDensity
 from sknvp.flows import build_realnvp
 from sknvp.transforms import TriangularWhitening
 
-TINY = {"n_couplings": 2, "hidden_layer_sizes": (8,), "random_state": 0, "device": "cpu"}
+# Whitening is a standard normal base's start; "auto" compares it only there.
+TINY = {"n_couplings": 2, "hidden_layer_sizes": (8,), "random_state": 0, "device": "cpu",
+        "base": "normal"}
 
 
 @pytest.fixture(autouse=True)
@@ -153,6 +155,9 @@ def test_auto_trains_each_candidate_once(monkeypatch):
     calls.clear()
     RealNVPDensity(**TINY, max_iter=2, whiten=False).fit(_correlated(100, d=3))
     assert len(calls) == 1
+    calls.clear()  # a mixture base starts from full covariances: nothing to compare
+    est = RealNVPDensity(**{**TINY, "base": "mixture"}, max_iter=2).fit(_correlated(100, d=3))
+    assert len(calls) == 1 and est.whiten_ is False
 
 
 def test_whitening_handles_collinear_and_wide_data(rng):
