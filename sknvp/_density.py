@@ -216,9 +216,11 @@ class RealNVPDensity(
         higher than the standard normal at the same budget, and it fits multimodal data that
         a flow from one Gaussian must squeeze into thin bridges (see the benchmarks).
     n_components : int or "auto", default="auto"
-        Number of mixture components with ``base="mixture"``; ``"auto"`` picks it by BIC
-        (sizes 1, 2, ... until four sizes in a row bring no lower BIC, at most 50; see
-        :func:`sknvp.em.select_gaussian_mixture`). EM sees at most 20,000 training rows
+        Number of mixture components with ``base="mixture"``; ``"auto"`` fits mixtures of
+        1 to 10, 13, 17, 22, 29, 38, 49 and 64 components (at most one per
+        ``n_features + 1`` training rows) and keeps the one with the best log-likelihood on
+        the validation rows (by BIC without ``early_stopping``), stopping after three sizes
+        in a row without a better one (:func:`sknvp.em.select_gaussian_mixture`). EM sees at most 20,000 training rows
         (fewer with many features: rows x features\ :sup:`2` at most 5e7, but at least
         2,000 rows), subsampled with the seed, and honours ``sample_weight``. Ignored with
         ``base="normal"``.
@@ -461,8 +463,11 @@ class RealNVPDensity(
             return [(*spec, False), (*spec, True)] if compare else [(*spec, False)]
         return [(*spec, bool(self.whiten))]
 
-    def _build_module(self, X, sample_weight, sizes, mask, whiten, seed: int) -> RealNVPFlow:
-        """Build a fresh flow for ``X`` (subclasses override for other architectures)."""
+    def _build_module(
+        self, X, sample_weight, sizes, mask, whiten, seed: int, valid=None
+    ) -> RealNVPFlow:
+        """Build a fresh flow for ``X`` (subclasses override for other architectures);
+        ``valid``, the validation rows and weights if any, may guide the build."""
         loc, scale = _standardization(X, sample_weight)
         whitening = None
         if whiten and X.shape[1] > 1:
@@ -488,23 +493,33 @@ class RealNVPDensity(
                 generator=gen,
             ).double()
         if self.base == "mixture":
-            flow.base = self._initial_base(flow, X, sample_weight, seed)
+            flow.base = self._initial_base(flow, X, sample_weight, seed, valid)
         return flow
 
-    def _initial_base(self, flow, X, sample_weight, seed: int) -> GaussianMixtureBase:
+    def _initial_base(self, flow, X, sample_weight, seed: int, valid) -> GaussianMixtureBase:
         """The mixture EM fits to the rows as the untrained flow maps them (the couplings
-        start as the identity, so that is the standardisation, and the whitening if any)."""
+        start as the identity, so that is the standardisation, and the whitening if any);
+        its size is the one whose fit scores best on the validation rows, if any."""
         n, d = X.shape
         cap = int(min(_EM_MAX_ROWS, max(_EM_MIN_ROWS, _EM_BUDGET / (d * d))))
         rows = np.arange(n)
         if n > cap:
             rows = np.sort(np.random.RandomState(seed).choice(n, cap, replace=False))
-        with torch.no_grad():
-            U = flow.transform(torch.as_tensor(X[rows], dtype=torch.float64))[0]
+
+        def mapped(A):
+            with torch.no_grad():
+                return flow.transform(torch.as_tensor(A, dtype=torch.float64))[0]
+
+        U = mapped(X[rows])
         weights = torch.as_tensor(sample_weight[rows], dtype=torch.float64)
         generator = torch.Generator().manual_seed(seed)
         if self.n_components == "auto":
-            fit = select_gaussian_mixture(U, weights=weights, generator=generator)
+            U_valid = w_valid = None
+            if valid is not None:
+                U_valid, w_valid = mapped(valid[0]), torch.as_tensor(valid[1], dtype=torch.float64)
+            fit = select_gaussian_mixture(
+                U, weights=weights, x_valid=U_valid, w_valid=w_valid, generator=generator
+            )
         elif self.n_components > len(rows):
             raise ValueError(
                 f"n_components={self.n_components} needs at least as many training rows; "
@@ -575,7 +590,8 @@ class RealNVPDensity(
                 if i > 0:
                     warnings.simplefilter("ignore", UserWarning)
                 module = self._build_module(
-                    X[train_idx], sample_weight[train_idx], *spec, seed
+                    X[train_idx], sample_weight[train_idx], *spec, seed,
+                    valid=(X[valid_idx], sample_weight[valid_idx]) if len(valid_idx) else None,
                 )
             result = self._train(
                 module, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm

@@ -373,7 +373,7 @@ class RealNVPImageDensity(RealNVPDensity):
     def _candidate_specs(self, spec: tuple, n_features: int) -> list[tuple]:
         return [spec]  # one architecture: nothing to choose on the validation split
 
-    def _build_module(self, X, sample_weight, shape, n_scales, seed: int):
+    def _build_module(self, X, sample_weight, shape, n_scales, seed: int, valid=None):
         with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_multiscale(

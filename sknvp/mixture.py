@@ -136,6 +136,14 @@ class GaussianMixtureBase(nn.Module):
         """The factors :math:`P_k`, shape ``(n_components, n_features, n_features)``."""
         return self.upper * self._strict_upper + torch.diag_embed(torch.exp(self.log_diag))
 
+    def covariance_cholesky(self) -> Tensor:
+        """Lower-triangular :math:`L_k = P_k^{-\top}`, with :math:`\Sigma_k = L_k L_k^\top`."""
+        prec = self.precisions_cholesky()
+        eye = torch.eye(self.n_features, dtype=prec.dtype, device=prec.device)
+        return torch.linalg.solve_triangular(
+            prec.transpose(1, 2), eye.expand_as(prec), upper=False
+        )
+
     def standardized(self, u: Tensor, prec: Tensor | None = None) -> Tensor:
         r""":math:`\varepsilon_k = P_k^\top (u - \mu_k)` for every component, shape ``(n, K, D)``.
 
@@ -181,11 +189,9 @@ class GaussianMixtureBase(nn.Module):
         a step that would leave the bracket bisects it instead. Each coordinate stops when
         the steps reach the rounding of ``z``'s dtype (at most ``max_iter`` steps).
         """
-        prec = self.precisions_cholesky()
         K, D = self.means.shape
-        # Sigma_k = L_k L_k^T with L_k = P_k^{-T}: u_d = mu_kd + sum_{j<=d} L_kdj eps_kj.
-        eye = torch.eye(D, dtype=prec.dtype, device=prec.device).expand(K, D, D)
-        chol = torch.linalg.solve_triangular(prec.transpose(1, 2), eye, upper=False)
+        # u_d = mu_kd + sum_{j<=d} L_kdj eps_kj
+        chol = self.covariance_cholesky()
         n = z.shape[0]
         eps = z.new_zeros(n, K, D)
         log_w = torch.log_softmax(self.logits, 0).expand(n, K)
@@ -249,16 +255,15 @@ class GaussianMixtureBase(nn.Module):
     def draw(self, components: Tensor, noise: Tensor) -> Tensor:
         """Points ``mu_k + L_k noise`` for given component indices and standard normal noise
         (``noise`` scaled by a temperature gives proportionally narrower components)."""
-        prec = self.precisions_cholesky()
+        chol = self.covariance_cholesky()
+        n, d = noise.shape
+        if n * d * d <= 2**20:  # one batched product over the rows' own factors
+            return self.means[components] + (chol[components] @ noise.unsqueeze(2)).squeeze(2)
         out = torch.empty_like(noise)
         for k in range(self.n_components):
             rows = components == k
             if bool(rows.any()):
-                # L_k noise = P_k^{-T} noise: solve P_k^T v = noise.
-                v = torch.linalg.solve_triangular(
-                    prec[k].T, noise[rows].T, upper=False
-                ).T
-                out[rows] = v + self.means[k]
+                out[rows] = noise[rows] @ chol[k].T + self.means[k]
         return out
 
     def sample(

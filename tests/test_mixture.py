@@ -9,7 +9,12 @@ from scipy import special, stats
 from sklearn.mixture import GaussianMixture
 
 import sknvp.em as em
-from sknvp.em import fit_gaussian_mixture, select_gaussian_mixture
+from sknvp.em import (
+    fit_gaussian_mixture,
+    mean_log_likelihood,
+    mixture_sizes,
+    select_gaussian_mixture,
+)
 from sknvp.flows import build_realnvp
 from sknvp.mixture import GaussianMixtureBase, _ndtri_exp
 
@@ -216,3 +221,66 @@ def test_em_survives_duplicates_and_more_components_than_clusters():
     assert np.isfinite(fit.log_likelihood)
     with pytest.raises(ValueError, match="n_components"):
         fit_gaussian_mixture(torch.as_tensor(X[:3]), 4)
+
+
+def test_sizes_are_every_count_to_ten_then_grow_by_a_third():
+    assert mixture_sizes(64) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 17, 22, 29, 38, 49, 64]
+    assert mixture_sizes(3) == [1, 2, 3]
+
+
+def test_validation_rows_choose_the_smallest_size_within_a_standard_error_of_the_best(
+    monkeypatch,
+):
+    X, _ = _clusters(900)
+    x, x_valid = torch.as_tensor(X[:600]), torch.as_tensor(X[600:])
+    tried = []
+    original = em.fit_gaussian_mixture
+
+    def recording(x, k, **kwargs):
+        fit = original(x, k, **kwargs)
+        tried.append((k, em.log_likelihoods(fit, x_valid).numpy(), fit.bic))
+        return fit
+
+    monkeypatch.setattr(em, "fit_gaussian_mixture", recording)
+    chosen = select_gaussian_mixture(x, x_valid=x_valid, generator=torch.Generator().manual_seed(0))
+    means = [v.mean() for _, v, _ in tried]
+    top = int(np.argmax(means))
+    # three sizes in a row without a better score end the search
+    assert [k for k, *_ in tried] == mixture_sizes(64)[: top + 4]
+    # the one-standard-error rule on the per-row differences with the best size
+    expected = next(
+        k for k, v, _ in tried
+        if (v - tried[top][1]).mean() >= -(v - tried[top][1]).std() / np.sqrt(len(v))
+    )
+    assert chosen.n_components == expected == 3
+    tried.clear()
+    by_bic = select_gaussian_mixture(x, generator=torch.Generator().manual_seed(0))
+    assert by_bic.n_components == min(tried, key=lambda t: t[2])[0] == 3
+
+
+def test_few_validation_rows_keep_a_smaller_mixture_than_their_best_score():
+    # Three clusters; six components fit these 30 validation rows a little better by chance
+    # (-3.048 against -3.065 nats per row): within a standard error, so three are kept.
+    X, _ = _clusters(630, seed=1)
+    x, x_valid = torch.as_tensor(X[:600]), torch.as_tensor(X[600:])
+    gen = torch.Generator().manual_seed(0)
+    fits = [fit_gaussian_mixture(x, k, generator=gen) for k in (1, 2, 3, 4, 5, 6)]
+    scores = [em.log_likelihoods(f, x_valid) for f in fits]
+    chosen = em._one_standard_error_choice(fits, scores, torch.ones(30, dtype=torch.float64))
+    best = max(range(6), key=lambda i: float(scores[i].mean()))
+    assert fits[best].n_components == 6 and chosen.n_components == 3
+
+
+def test_no_size_with_fewer_than_features_plus_one_rows_per_component():
+    # 13 features, 60 rows: at most 4 components, whatever the criterion says; more would
+    # leave covariances singular and their density a spike on a few rows.
+    X = np.random.RandomState(0).standard_normal((60, 13))
+    tried = []
+    original = em.fit_gaussian_mixture
+    em.fit_gaussian_mixture = lambda x, k, **kw: tried.append(k) or original(x, k, **kw)
+    try:
+        select_gaussian_mixture(torch.as_tensor(X), generator=torch.Generator().manual_seed(0),
+                                patience=100)
+    finally:
+        em.fit_gaussian_mixture = original
+    assert max(tried) == 4
