@@ -3,8 +3,9 @@
 :class:`RealNVPDensity` is the entry point for tabular data, :class:`RealNVPImageDensity`
 (the paper's multi-scale architecture) for images. The torch layer underneath
 (:mod:`sknvp.masks`, :mod:`sknvp.nets`, :mod:`sknvp.transforms`, :mod:`sknvp.mixture`,
-:mod:`sknvp.em`, :mod:`sknvp.flows`, :mod:`sknvp.multiscale`) does not import scikit-learn and can be used on its own;
-:mod:`sknvp.datasets` holds the 2-D data sets with their exact densities.
+:mod:`sknvp.em`, :mod:`sknvp.flows`, :mod:`sknvp.multiscale`) does not import scikit-learn
+and can be used on its own; :mod:`sknvp.datasets` holds the 2-D data sets with their exact
+densities.
 """
 
 from . import datasets, em, flows, masks, mixture, multiscale, nets, transforms

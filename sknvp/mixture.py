@@ -137,7 +137,7 @@ class GaussianMixtureBase(nn.Module):
         return self.upper * self._strict_upper + torch.diag_embed(torch.exp(self.log_diag))
 
     def covariance_cholesky(self) -> Tensor:
-        """Lower-triangular :math:`L_k = P_k^{-\top}`, with :math:`\Sigma_k = L_k L_k^\top`."""
+        r"""Lower-triangular :math:`L_k = P_k^{-\top}`, with :math:`\Sigma_k = L_k L_k^\top`."""
         prec = self.precisions_cholesky()
         eye = torch.eye(self.n_features, dtype=prec.dtype, device=prec.device)
         return torch.linalg.solve_triangular(
@@ -185,9 +185,11 @@ class GaussianMixtureBase(nn.Module):
         """Inverse Rosenblatt transform: ``(u, log|det du/dz|)``.
 
         Coordinate by coordinate, the conditional mixture CDF is inverted by Newton's method
-        kept inside a bracket (the components' own quantiles, which enclose the solution):
-        a step that would leave the bracket bisects it instead. Each coordinate stops when
-        the steps reach the rounding of ``z``'s dtype (at most ``max_iter`` steps).
+        kept inside a bracket (the components' own quantiles, which enclose the solution): a
+        step that would leave the bracket, or that follows a Newton step which did not halve
+        the residual (Newton can cycle between a mixture's modes), bisects it instead. Each
+        coordinate stops when the steps reach the rounding of ``z``'s dtype (at most
+        ``max_iter`` steps).
         """
         K, D = self.means.shape
         # u_d = mu_kd + sum_{j<=d} L_kdj eps_kj
@@ -226,7 +228,7 @@ class GaussianMixtureBase(nn.Module):
         out = x.clone()
         rows = torch.arange(len(x), device=x.device)
         log_spread = torch.log(spread)
-        sign, target = sign[:, 0], target
+        sign = sign[:, 0]
         last = torch.full_like(x, math.inf)  # |g| before the last Newton step
         for _ in range(max_iter):
             e = (x[:, None] - center) / spread

@@ -10,9 +10,9 @@ from sklearn.exceptions import ConvergenceWarning
 import sknvp._density as density_module
 from sknvp import RealNVPDensity, datasets
 
-FAST = dict(n_couplings=4, hidden_layer_sizes=(16, 16), max_iter=15, batch_size=64,
-            learning_rate_init=5e-3, random_state=0, device="cpu")
-EIGHT = dict(radius=2.0, noise=0.2)
+FAST = {"n_couplings": 4, "hidden_layer_sizes": (16, 16), "max_iter": 15, "batch_size": 64,
+        "learning_rate_init": 5e-3, "random_state": 0, "device": "cpu"}
+EIGHT = {"radius": 2.0, "noise": 0.2}
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def test_the_default_base_is_a_mixture_and_normal_is_the_papers(moons):
     three = RealNVPDensity(**FAST, n_components=3).fit(moons[0])
     assert three.n_components_ == 3
     with pytest.raises(AttributeError, match="set by fit"):
-        RealNVPDensity().n_components_
+        _ = RealNVPDensity().n_components_
 
 
 def test_a_mixture_base_fits_separated_modes_a_normal_base_cannot(eight, fitted_eight):
