@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from .flows import RealNVPFlow
-from .mixture import GaussianMixtureBase
+from .mixture import GaussianMixtureBase, standardized_residuals
 from .nets import MLP, tanh_
 from .transforms import SplitAffineCoupling, Standardize, TriangularWhitening
 
@@ -212,15 +212,14 @@ class _MixtureBase:
         n, D = z.shape
         K = base.n_components
         prec = base.precisions_cholesky()
-        stacked = prec.permute(1, 0, 2).reshape(D, K * D)
-        eps = (z @ stacked).view(n, K, D) - torch.einsum("kd,kde->ke", base.means, prec)
+        eps = standardized_residuals(z, base.means, prec)
         lp = torch.log_softmax(base.logits, 0) + base.log_diag.sum(1) - D * _HALF_LOG_2PI
         lp = lp - 0.5 * (eps * eps).sum(2)  # (n, K): log pi_k + log N(z_i; mu_k, Sigma_k)
         lse = torch.logsumexp(lp, 1, keepdim=True)
         loss = -(lse * w_col).sum()
         wr = torch.exp(lp - lse).mul_(w_col)  # w_i r_ik
         g_eps = (eps * wr.unsqueeze(2)).reshape(n, K * D)
-        g_z = g_eps @ stacked.t()
+        g_z = g_eps @ prec.transpose(1, 2).reshape(K * D, D)  # sum_k P_k g_eps_k
         col = g_eps.sum(0).view(K, D)  # sum over rows of each component's residual gradient
         resp = wr.sum(0)  # sum_i w_i r_ik
         g_prec = (z.t() @ g_eps).view(D, K, D).permute(1, 0, 2)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .mixture import standardized_residuals
+
 __all__ = [
     "MixtureFit",
     "fit_gaussian_mixture",

@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GaussianMixtureBase"]
+__all__ = ["GaussianMixtureBase", "standardized_residuals"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _LOG_HALF = math.log(0.5)
@@ -69,6 +69,18 @@ def _normal_from_log_cdfs(log_cdf: Tensor, log_sf: Tensor) -> Tensor:
         lower, _ndtri_exp(torch.minimum(log_cdf, torch.full_like(log_cdf, _LOG_HALF))),
         -_ndtri_exp(torch.minimum(log_sf, torch.full_like(log_sf, _LOG_HALF))),
     )
+
+
+def standardized_residuals(u: Tensor, means: Tensor, prec: Tensor) -> Tensor:
+    r""":math:`\varepsilon_k = P_k^\top (u - \mu_k)` for every row and component, shape
+    ``(n, K, D)``, with one matrix product for all components (:math:`u P_k - \mu_k P_k`).
+
+    ``means`` has shape ``(K, D)`` and ``prec`` (the upper-triangular factors :math:`P_k`)
+    ``(K, D, D)``.
+    """
+    K, D = means.shape
+    stacked = prec.permute(1, 0, 2).reshape(D, K * D)
+    return (u @ stacked).view(-1, K, D) - torch.einsum("kd,kde->ke", means, prec)
 
 
 def _standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -144,16 +156,9 @@ class GaussianMixtureBase(nn.Module):
             prec.transpose(1, 2), eye.expand_as(prec), upper=False
         )
 
-    def standardized(self, u: Tensor, prec: Tensor | None = None) -> Tensor:
-        r""":math:`\varepsilon_k = P_k^\top (u - \mu_k)` for every component, shape ``(n, K, D)``.
-
-        One matrix product for all components: :math:`u P_k - \mu_k P_k`.
-        """
-        prec = self.precisions_cholesky() if prec is None else prec
-        K, D = self.means.shape
-        stacked = prec.permute(1, 0, 2).reshape(D, K * D)
-        offset = torch.einsum("kd,kde->ke", self.means, prec)
-        return (u @ stacked).view(-1, K, D) - offset
+    def standardized(self, u: Tensor) -> Tensor:
+        r""":math:`\varepsilon_k = P_k^\top (u - \mu_k)` for every component, shape ``(n, K, D)``."""
+        return standardized_residuals(u, self.means, self.precisions_cholesky())
 
     def _coordinate_log_terms(self, eps: Tensor) -> Tensor:
         """:math:`\\log \\mathcal N(\\varepsilon_{kd}; 0, 1) + \\log P_{k,dd}`, shape (n, K, D)."""
