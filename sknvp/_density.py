@@ -275,8 +275,9 @@ class RealNVPDensity(
     verbose : int, default=0
         Print one line per epoch when positive.
     random_state : int, RandomState instance or None, default=None
-        Seeds weight initialisation, random masks, the validation split and minibatch order.
-        The global torch random state is never touched.
+        Seeds weight initialisation, random masks, the mixture base's EM start (its seeding
+        and row subsample), the validation split and minibatch order. The global torch random
+        state is never touched.
     device : str, default="auto"
         Where to train: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``,
         ``"cuda:1"``, ``"mps"``.
