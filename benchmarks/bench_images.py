@@ -74,7 +74,10 @@ VECTOR_GRID = [
 ]
 # whiten=False: the figures in docs/images.md were measured before the whitening option, and
 # "auto" would fit every grid point twice.
-VECTOR_COMMON = {"max_iter": 300, "n_iter_no_change": 30, "batch_size": 64, "whiten": False}
+# A standard normal base, as the image model's (and as when docs/images.md was measured).
+VECTOR_COMMON = {
+    "max_iter": 300, "n_iter_no_change": 30, "batch_size": 64, "whiten": False, "base": "normal",
+}
 
 
 # ============================================================== dequantised vector flows
@@ -98,11 +101,19 @@ class LogitRealNVP(DequantizedRealNVP):
     """The vector flow behind the image model's preprocessing: the same logit transform
     (with its log-determinant) comes first, so densities stay in pixel units."""
 
-    def _build_module(self, X, sample_weight, sizes, mask, whiten, seed):
+    def _build_module(self, X, sample_weight, sizes, mask, whiten, seed, valid=None):
         logit = LogitTransform(N_LEVELS, 0.05)
-        y = logit(torch.as_tensor(X + 0.5))[0].numpy()
-        flow = super()._build_module(y, sample_weight, sizes, mask, whiten, seed)
-        return RealNVPFlow(FlowSequential(logit, *flow.transform), flow.event_shape).double()
+
+        def to_logit(A):
+            return logit(torch.as_tensor(A + 0.5))[0].numpy()
+
+        valid = None if valid is None else (to_logit(valid[0]), valid[1])
+        flow = super()._build_module(
+            to_logit(X), sample_weight, sizes, mask, whiten, seed, valid=valid
+        )
+        return RealNVPFlow(
+            FlowSequential(logit, *flow.transform), flow.event_shape, flow.base
+        ).double()
 
 
 # ================================================================================ digits
