@@ -214,7 +214,10 @@ class RealNVPDensity(
         ends with the mixture's Rosenblatt transform (its conditional CDFs, one feature at a
         time). On the 2-D benchmark sets the defaults scored 0.02 to 0.37 nat per row higher
         with the mixture base than with the standard normal, and it fits multimodal data that
-        a flow from one Gaussian must squeeze into thin bridges (see the benchmarks).
+        a flow from one Gaussian must squeeze into thin bridges (see the benchmarks). On
+        discrete features (integer levels, flags) EM can give a component almost no width
+        around one value, as :class:`~sklearn.mixture.GaussianMixture` does: rows off those
+        values then score very low; dequantise such features (add uniform noise) first.
     n_components : int or "auto", default="auto"
         Number of mixture components with ``base="mixture"``; ``"auto"`` fits mixtures of
         1 to 10, 13, 17, 22, 29, 38, 49 and 64 components (at most one per
