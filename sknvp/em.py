@@ -281,15 +281,17 @@ def select_gaussian_mixture(
     smallest size within one standard error of the best score (on few validation rows the
     best score is noisy, and a larger mixture more often overfits than not). Without them it
     is the lowest BIC. The search stops after ``patience`` sizes in a row without a better
-    score, and never tries more than ``max_components`` components nor more than one per
-    ``n_features + 1`` rows (fewer rows than that leave a full covariance singular, and its
-    density a spike that neither criterion reliably rejects). Other keyword arguments go to
-    :func:`fit_gaussian_mixture`.
+    score, once it has tried at least twice the best size so far (scores can plateau: on two
+    rings, four to seven components may all settle on one blurred annulus before eight or
+    more trace the rings). It never tries more than ``max_components`` components nor more
+    than one per ``n_features + 1`` rows (fewer rows than that leave a full covariance
+    singular, and its density a spike that neither criterion reliably rejects). Other keyword
+    arguments go to :func:`fit_gaussian_mixture`.
     """
     n, d = x.shape
     cap = max(1, min(max_components, n // (d + 1)))
     fits, per_row = [], []
-    best_score, since = -math.inf, 0
+    best_score, best_k, since = -math.inf, 1, 0
     w_valid = None if x_valid is None else _normalised_weights(x_valid, w_valid)
     for k in mixture_sizes(cap):
         fit = fit_gaussian_mixture(x, k, weights=weights, generator=generator, **kwargs)
@@ -300,10 +302,10 @@ def select_gaussian_mixture(
             score = float((per_row[-1] * w_valid).sum()) / x_valid.shape[0]
         fits.append(fit)
         if score > best_score:
-            best_score, since = score, 0
+            best_score, best_k, since = score, k, 0
         else:
             since += 1
-            if since >= patience:
+            if since >= patience and k >= 2 * best_k:
                 break
     if x_valid is None:
         return min(fits, key=lambda f: f.bic)

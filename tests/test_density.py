@@ -439,7 +439,8 @@ def test_input_noise_closes_the_holes_of_a_small_circles_fit(seed):
     rows tens to thousands of nats below the rest (with the hand-derived gradient, seeds 0 and
     2: -86 and -49; with autograd, seed 0: -6,667); noise of 0.05 standard deviations keeps
     the lowest near -14 (docs/benchmarks.md, "Small data: holes, and noise on the inputs").
-    The default Gaussian-mixture base, which starts at the rings' EM fit, tears none."""
+    The default Gaussian-mixture base, which starts at the rings' EM fit, tears none (it did
+    at seed 2, -144, while the size search could stop on a plateau at four components)."""
     from sknvp import datasets
 
     kw = {"factor": 0.5, "noise": 0.05}

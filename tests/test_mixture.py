@@ -241,8 +241,10 @@ def test_validation_rows_choose_the_smallest_size_within_a_standard_error_of_the
     )
     means = [v.mean() for _, v, _ in tried]
     top = int(np.argmax(means))
-    # three sizes in a row without a better score end the search
-    assert [k for k, *_ in tried] == mixture_sizes(64)[: top + 4]
+    # three sizes in a row without a better score end the search, once it has reached
+    # twice the best size (here the best is 4: sizes 5, 6 and 7 do not end it, 8 does)
+    assert tried[top][0] == 4
+    assert [k for k, *_ in tried] == list(range(1, 9))
     # the one-standard-error rule on the per-row differences with the best size
     expected = next(
         k for k, v, _ in tried
@@ -252,6 +254,31 @@ def test_validation_rows_choose_the_smallest_size_within_a_standard_error_of_the
     tried.clear()
     by_bic = select_gaussian_mixture(x, generator=torch.Generator().manual_seed(0))
     assert by_bic.n_components == min(tried, key=lambda t: t[2])[0] == 3
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_a_plateau_of_scores_does_not_end_the_search_below_twice_the_best_size(
+    validation, monkeypatch
+):
+    # Scores that rise to 4 components, stay flat to 7 and rise again from 8 (EM on two rings:
+    # four to seven components can all settle on one blurred annulus). Three sizes without a
+    # better score after 4 ended the search at 7 and kept 4 (circles, 2,000 rows, seeds 1
+    # and 2: -1.3 nats per held-out row instead of -0.66, and holes at -144 to -399).
+    def score(k):
+        return -2.7 + 0.02 * min(k, 4) if k < 8 else -2.0 - 0.001 * k
+
+    rows = torch.linspace(-0.1, 0.1, 50, dtype=torch.float64)
+    monkeypatch.setattr(
+        em, "fit_gaussian_mixture",
+        lambda x, k, **kw: em.MixtureFit(
+            torch.ones(k) / k, torch.zeros(k, 1), torch.ones(k, 1, 1), score(k), -score(k), 1,
+            True,
+        ),
+    )
+    monkeypatch.setattr(em, "log_likelihoods", lambda fit, x: fit.log_likelihood + rows)
+    x = torch.zeros(1000, 1, dtype=torch.float64)
+    chosen = select_gaussian_mixture(x, x_valid=x[:50] if validation else None)
+    assert chosen.n_components == 8
 
 
 def test_few_validation_rows_keep_a_smaller_mixture_than_their_best_score():
