@@ -146,27 +146,32 @@ def _undo_input_attrs_on_error(fit_method):
 
 
 def _check_training_range(X: np.ndarray, dtype: str) -> None:
-    """Refuse data float32 training cannot hold; warn where float32 rounds them coarsely."""
+    """Refuse data whose deviations from their mean float32 training cannot hold (training
+    in float32 sees the rows minus the standardisation's centre, taken in float64)."""
     if dtype != "float32":
         return
-    big = np.max(np.abs(X), axis=0).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        big = float(np.max(np.abs(X - np.mean(X, axis=0, dtype=np.float64)), initial=0.0))
     limit = float(np.finfo(np.float32).max)
-    if big.max() > limit:
+    if not big <= limit:
         raise ValueError(
-            f"X has values up to {big.max():.3g} in magnitude, beyond the float32 range "
+            f"X deviates from its mean by up to {big:.3g}, beyond the float32 range "
             f"({limit:.3g}) used for training: pass dtype='float64' or rescale X."
         )
-    step = np.spacing(big.astype(np.float32)).astype(np.float64)
-    spread = np.std(X, axis=0, dtype=np.float64)
-    coarse = np.flatnonzero((spread > 0) & (step > 1e-2 * spread))
-    if coarse.size:
-        warnings.warn(
-            f"Feature(s) {coarse.tolist()} are large relative to their spread: float32 training "
-            f"sees them rounded to steps of up to {np.max(step[coarse] / spread[coarse]):.2g} "
-            "standard deviations. Pass dtype='float64' or center X.",
-            UserWarning,
-            stacklevel=4,
-        )
+
+
+def _leading_standardize(module: torch.nn.Module) -> Standardize | None:
+    """The flow's first layer if it is a :class:`Standardize`, else None."""
+    layers = getattr(module, "transform", None)
+    if isinstance(layers, torch.nn.Sequential) and len(layers):
+        if isinstance(layers[0], Standardize):
+            return layers[0]
+    return None
+
+
+def _zero_centre(module: torch.nn.Module) -> None:
+    """Move the centre of the flow's leading standardisation to 0 (for centred rows)."""
+    _leading_standardize(module).loc.zero_()
 
 
 class RealNVPDensity(
@@ -285,7 +290,8 @@ class RealNVPDensity(
         Where to train: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``,
         ``"cuda:1"``, ``"mps"``.
     dtype : {"float32", "float64"}, default="float32"
-        Floating-point type used for training.
+        Floating-point type used for training. In float32 the rows are centred in float64
+        before the cast (the centre stays float64), so large offsets cost no precision.
     inference_dtype : {"float64", "float32"}, default="float64"
         Floating-point type of scoring, transforms and sampling. In float64 results do not
         depend on how rows are batched (to ~1e-12), as scikit-learn's estimator checks ask.
@@ -681,7 +687,17 @@ class RealNVPDensity(
         dtype = TORCH_DTYPES[self.dtype]
         # A warm start trains a copy (a failed fit must leave the fitted model as it was); a
         # freshly built module belongs to this fit alone (copying it cost several ms a fit).
-        work = (copy.deepcopy(module) if warm else module).to(device=device, dtype=dtype)
+        work = copy.deepcopy(module) if warm else module
+        # Below float64, the rows are centred in float64 before the cast and the work copy's
+        # standardisation centre is moved to 0 (put back after training): casting first
+        # would round 1e6 + 1e-3 x to steps of 60 standard deviations, and the centre itself.
+        centre = None
+        standardize = _leading_standardize(work)
+        if dtype != torch.float64 and standardize is not None:
+            centre = standardize.loc.detach().to(torch.float64).cpu().clone()
+            standardize.loc.zero_()
+            X = X - centre.numpy()
+        work = work.to(device=device, dtype=dtype)
         x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype)
         x_va, w_va = self._to_tensors(X, sample_weight, valid_idx, device, dtype)
         optimizer = self._resume_optimizer(work) if warm else None
@@ -700,6 +716,9 @@ class RealNVPDensity(
             print_fn=self._epoch_printer(X.shape[1]),
             transform_batch=self._batch_transform(generator, work), keep_better=keep_better,
         )
+        if centre is not None:
+            work = work.to(torch.float64)
+            standardize.loc.copy_(centre.to(standardize.loc.device))
         self._set_fitted(work, optimizer, result, device, warm)
         return result
 
@@ -846,14 +865,25 @@ class RealNVPDensity(
         """Hook: the dtype inference runs in (``inference_dtype``)."""
         return TORCH_DTYPES[self.inference_dtype]
 
-    def _inference_module(self):
-        """The fitted flow in the inference dtype (``module_`` itself or a cached copy)."""
-        return cast_module(self.module_, self._inference_dtype())
+    def _inference_centre(self) -> np.ndarray | None:
+        """The standardisation's centre (float64) that rows lose before the cast to an
+        inference dtype below float64 (as in training; None in float64)."""
+        standardize = _leading_standardize(self.module_)
+        if self._inference_dtype() == torch.float64 or standardize is None:
+            return None
+        return standardize.loc.detach().to("cpu", torch.float64).numpy()
 
-    def _map(self, fn, X, out_shape) -> np.ndarray:
+    def _inference_module(self):
+        """The fitted flow in the inference dtype (``module_`` itself or a cached copy; below
+        float64 a copy centred at 0, for rows minus :meth:`_inference_centre`)."""
+        dtype = self._inference_dtype()
+        centred = dtype != torch.float64 and _leading_standardize(self.module_) is not None
+        return cast_module(self.module_, dtype, _zero_centre if centred else None)
+
+    def _map(self, fn, X, out_shape, *, shift_in=None, shift_out=None) -> np.ndarray:
         return map_batches(
             fn, X, out_shape, device=self.device_, dtype=self._inference_dtype(),
-            batch_rows=self._inference_rows(),
+            batch_rows=self._inference_rows(), shift_in=shift_in, shift_out=shift_out,
         )
 
     def _validated(self, X) -> np.ndarray:
@@ -882,7 +912,7 @@ class RealNVPDensity(
             log_p = module.log_prob(x).to(torch.float64)
             return torch.nan_to_num(log_p, nan=lowest, neginf=lowest)
 
-        return self._map(log_prob, X, ())
+        return self._map(log_prob, X, (), shift_in=self._inference_centre())
 
     def score(self, X, y=None):
         """Mean log-likelihood per sample of ``X`` (as GaussianMixture; higher is better).
@@ -917,7 +947,9 @@ class RealNVPDensity(
         """
         X = self._validated(X)
         module = self._inference_module()
-        return self._map(lambda x: module(x)[0], X, (self.n_features_in_,))
+        return self._map(
+            lambda x: module(x)[0], X, (self.n_features_in_,), shift_in=self._inference_centre()
+        )
 
     def inverse_transform(self, Z):
         """Map latent points back to data space (the inverse of :meth:`transform`).
@@ -938,7 +970,10 @@ class RealNVPDensity(
         check_is_fitted(self)
         Z = validate_data(self, Z, dtype=[np.float64, np.float32], reset=False)
         module = self._inference_module()
-        return self._map(lambda z: module.inverse(z)[0], Z, (self.n_features_in_,))
+        return self._map(
+            lambda z: module.inverse(z)[0], Z, (self.n_features_in_,),
+            shift_out=self._inference_centre(),
+        )
 
     def sample(self, n_samples=1, random_state=None, temperature=1.0):
         """Draw samples from the fitted density.
@@ -976,6 +1011,7 @@ class RealNVPDensity(
             gen = torch.Generator(device=self.device_).manual_seed(seed)
         rows = self._inference_rows()
         module = self._inference_module()
+        centre = self._inference_centre()
         pick = self._component_picker(module, seed)
         with torch.inference_mode():
             for start in range(0, n_samples, rows):
@@ -991,6 +1027,8 @@ class RealNVPDensity(
                     picked = torch.as_tensor(pick(stop - start), device=noise.device)
                     x = module.transform.inverse(module.base.draw(picked, noise))[0]
                 z[start:stop] = x.cpu().numpy()
+                if centre is not None:
+                    z[start:stop] += centre
                 if not np.isfinite(z[start:stop]).all():
                     raise ValueError(
                         f"temperature={temperature!r} is too large: samples overflow "

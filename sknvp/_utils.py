@@ -31,24 +31,32 @@ def _tensor_versions(module: nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
 
 
-def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``module`` in floating type ``dtype``: itself if it already is, else a cached copy.
+def cast_module(
+    module: nn.Module, dtype: torch.dtype, prepare: Callable[[nn.Module], None] | None = None
+) -> nn.Module:
+    """``module`` in floating type ``dtype``: itself if it already is (and there is nothing to
+    ``prepare``), else a cached copy.
 
-    Copying a flow costs milliseconds, more than scoring a few rows, so the copy is kept (in a
-    weak map, so it goes with ``module``) until a parameter or buffer of ``module`` changes.
-    ``module`` itself is never modified.
+    ``prepare`` edits the copy in place before the cast (the same function object each time,
+    or the cache misses). Copying a flow costs milliseconds, more than scoring a few rows, so
+    the copy is kept (in a weak map, so it goes with ``module``) until a parameter or buffer of
+    ``module`` changes. ``module`` itself is never modified.
     """
     floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-    if all(t.dtype == dtype for t in floats):
+    if prepare is None and all(t.dtype == dtype for t in floats):
         return module
-    key = _tensor_versions(module)
+    key = (_tensor_versions(module), dtype, prepare)
     with _CASTS_LOCK:
         cached = _CASTS.get(module)
-    if cached is not None and cached[0] == key and cached[1] == dtype:
-        return cached[2]
-    converted = copy.deepcopy(module).to(dtype)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    converted = copy.deepcopy(module)
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(converted)
+    converted = converted.to(dtype)
     with _CASTS_LOCK:
-        _CASTS[module] = (key, dtype, converted)
+        _CASTS[module] = (key, converted)
     return converted
 
 
@@ -98,14 +106,21 @@ def map_batches(
     device: torch.device,
     dtype: torch.dtype,
     batch_rows: int,
+    shift_in: np.ndarray | None = None,
+    shift_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Apply ``fn`` to ``X`` in row chunks, writing into one preallocated float64 array.
 
-    Peak memory is the input, the output and one chunk of activations, whatever ``len(X)``.
+    ``shift_in`` is subtracted from each chunk (in float64, before the cast to ``dtype``) and
+    ``shift_out`` added to each result (in float64). Peak memory is the input, the output and
+    one chunk of activations, whatever ``len(X)``.
     """
     out = np.empty((len(X), *out_shape), dtype=np.float64)
     with torch.inference_mode():
         for s in _row_chunks(len(X), batch_rows):
-            x = torch.as_tensor(np.ascontiguousarray(X[s]), device=device).to(dtype)
+            chunk = X[s] if shift_in is None else X[s] - shift_in
+            x = torch.as_tensor(np.ascontiguousarray(chunk), device=device).to(dtype)
             out[s] = fn(x).to("cpu", torch.float64).numpy()
+            if shift_out is not None:
+                out[s] += shift_out
     return out

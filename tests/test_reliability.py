@@ -697,12 +697,52 @@ def test_large_offset_is_exact_in_float64():
     np.testing.assert_allclose(est.score_samples(X + 1e8), ref.score_samples(X), atol=1e-5)
 
 
-def test_large_offset_in_float32_warns_about_rounding():
-    """float32 rounds 1e8 + x to steps of 8: warn and name the fix."""
-    est, caught = _fit_recording(_moons() + 1e8, dtype="float32", max_iter=2)
-    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    assert any("float32" in m and "dtype='float64'" in m for m in msgs), msgs
-    assert _all_finite(est)
+@pytest.mark.parametrize(("offset", "unit"), [(1e8, 1.0), (1e6, 1e-3), (-3e4, 1e-5)])
+def test_large_offset_trains_in_float32_as_centred_data_do(offset, unit):
+    """float32 holds 1e8 + x only to steps of 8 (16 standard deviations of moons): training
+    centres the rows in float64 before the cast and keeps the centre in float64, so the fit
+    is that of the centred rows. (Casting first scored held-out rows of 1e6 + 1e-3 x at -1e7
+    nats instead of -2.8, with a warning.)"""
+    X = _moons()
+    est, caught = _fit_recording(offset + unit * X, dtype="float32", max_iter=5)
+    ref, _ = _fit_recording(X, dtype="float32", max_iter=5)
+    assert not any("float32" in str(w.message) for w in caught)
+    assert est.module_.transform[0].loc.dtype == torch.float64
+    shift = 2 * np.log(unit)  # log-densities in the units of the data
+    np.testing.assert_allclose(
+        est.score_samples(offset + unit * X) + shift, ref.score_samples(X), atol=1e-3
+    )
+    assert abs(est.sample(500, random_state=0).mean(0) - offset).max() < 2 * unit
+
+
+def test_float32_inference_centres_the_rows_in_float64():
+    """inference_dtype='float32' on 1e6 + 1e-3 x: the rows are centred in float64 before the
+    cast, so scores, transforms, their inverse and samples agree with float64 inference
+    (casting first put the rows, and the centre, 60 standard deviations off)."""
+    X = 1e6 + 1e-3 * _moons()
+    est, _ = _fit_recording(X, max_iter=3)
+    exact = est.score_samples(X), est.transform(X[:50]), est.sample(200, random_state=0)
+    est.set_params(inference_dtype="float32")
+    np.testing.assert_allclose(est.score_samples(X), exact[0], atol=1e-3)
+    z = est.transform(X[:50])
+    np.testing.assert_allclose(z, exact[1], atol=1e-3)
+    np.testing.assert_allclose(est.inverse_transform(z), X[:50], rtol=0, atol=1e-8)
+    np.testing.assert_allclose(est.sample(200, random_state=0), exact[2], rtol=0, atol=1e-8)
+    assert est.module_.transform[0].loc.dtype == torch.float64  # the model is not touched
+    np.testing.assert_allclose(est.module_.transform[0].loc.numpy(), X.mean(0), atol=1e-9)
+
+
+def test_float32_training_keeps_the_centre_in_float64_through_warm_starts():
+    X = _moons() + 1e6  # float32 steps of 0.0625 here
+    params = {**TINY, "dtype": "float32", "warm_start": True, "early_stopping": False}
+    est = RealNVPDensity(**params).fit(X)
+    centre = torch.as_tensor(X.mean(0))
+    torch.testing.assert_close(est.module_.transform[0].loc, centre, rtol=0, atol=1e-9)
+    before = est.score(X)
+    est.set_params(max_iter=1).fit(X)
+    assert est.n_iter_ == TINY["max_iter"] + 1
+    torch.testing.assert_close(est.module_.transform[0].loc, centre, rtol=0, atol=1e-9)
+    assert abs(est.score(X) - before) < 0.5
 
 
 def test_values_beyond_float32_range_rejected_before_any_work(no_work):
