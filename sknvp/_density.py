@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from ._compat import Interval, StrOptions, _fit_context, check_sample_weight
 from ._training import fit_flow, fresh_noise_adder, make_adam
 from ._utils import TORCH_DTYPES, cast_module, derive_seed, map_batches, resolve_device
-from .em import fit_gaussian_mixture, select_gaussian_mixture
+from .em import data_reg_covar, fit_gaussian_mixture, select_gaussian_mixture
 from .flows import RealNVPFlow, build_realnvp
 from .masks import MASK_TYPES
 from .mixture import GaussianMixtureBase
@@ -523,13 +523,15 @@ class RealNVPDensity(
         U = mapped(X[rows])
         weights = torch.as_tensor(sample_weight[rows], dtype=torch.float64)
         generator = torch.Generator().manual_seed(seed)
+        reg_covar = data_reg_covar(U, weights)
         if self.n_components == "auto":
             U_valid = w_valid = None
             if valid is not None:
                 U_valid = mapped(valid[0])
                 w_valid = torch.as_tensor(valid[1], dtype=torch.float64)
             fit = select_gaussian_mixture(
-                U, weights=weights, x_valid=U_valid, w_valid=w_valid, generator=generator
+                U, weights=weights, x_valid=U_valid, w_valid=w_valid, generator=generator,
+                reg_covar=reg_covar,
             )
         elif self.n_components > len(rows):
             raise ValueError(
@@ -537,7 +539,9 @@ class RealNVPDensity(
                 f"got {len(rows)}. Pass fewer components or n_components='auto'."
             )
         else:
-            fit = fit_gaussian_mixture(U, self.n_components, weights=weights, generator=generator)
+            fit = fit_gaussian_mixture(
+                U, self.n_components, weights=weights, generator=generator, reg_covar=reg_covar
+            )
         return GaussianMixtureBase(fit.weights, fit.means, fit.precisions_cholesky).double()
 
     def _split(self, n: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,7 @@ from .mixture import standardized_residuals
 
 __all__ = [
     "MixtureFit",
+    "data_reg_covar",
     "fit_gaussian_mixture",
     "log_likelihoods",
     "mean_log_likelihood",
@@ -163,6 +164,36 @@ def _hard_statistics(x: Tensor, w: Tensor, labels: Tensor, k: int):
         return r, x.new_zeros(())
 
     return _moments(x, k, hard)[:3]
+
+
+def data_reg_covar(
+    x: Tensor,
+    weights: Tensor | None = None,
+    *,
+    reg_covar: float = 1e-6,
+    share: float = 1e-2,
+    floor: float = 1e-12,
+) -> float:
+    """``reg_covar``, but at most ``share`` of the smallest variance of the rows in any
+    direction (the least eigenvalue of their weighted covariance), and at least ``floor``.
+
+    A fixed ``reg_covar`` is an absolute floor on every component's variance: where features
+    are (nearly) linear combinations of others, it smears the density across the thin
+    direction the data occupy (three features with the third the sum of the others plus noise
+    of 1e-6: 2.5 nats per row instead of 9.5). Scaled down there, it still keeps covariances
+    invertible, and on data without such a direction (least eigenvalue above
+    ``reg_covar / share``) it is ``reg_covar`` unchanged. So it is with fewer than
+    ``2 (n_features + 1)`` rows of positive weight, where a small eigenvalue says more about
+    the sample than about the data (with no more rows than features it is 0).
+    """
+    n, d = x.shape
+    w = _normalised_weights(x, weights)
+    if int((w > 0).sum()) < 2 * (d + 1):
+        return reg_covar
+    centred = x - (w @ x) / n
+    cov = (centred * w[:, None]).T @ centred / n
+    least = float(torch.linalg.eigvalsh(0.5 * (cov + cov.T))[0])
+    return max(floor, min(reg_covar, share * max(least, 0.0)))
 
 
 def fit_gaussian_mixture(

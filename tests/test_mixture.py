@@ -328,3 +328,28 @@ def test_inverse_of_a_well_separated_mixture_does_not_cycle():
         again = mix(mix.inverse(z)[0])[0]
     assert (back - u).abs().max() < 1e-8
     assert (again - z).abs().max() < 1e-9
+
+
+def test_regularisation_shrinks_only_below_a_hundredth_of_the_least_variance():
+    rng = np.random.RandomState(0)
+    a = rng.standard_normal((2000, 2))
+    plain = torch.as_tensor(a)
+    assert em.data_reg_covar(plain) == 1e-6
+    for noise in (1e-2, 1e-4):
+        x = torch.as_tensor(np.c_[a, a.sum(1) + noise * rng.standard_normal(2000)])
+        least = float(torch.linalg.eigvalsh(torch.cov(x.T, correction=0))[0])
+        assert least < 1e-4
+        assert em.data_reg_covar(x) == pytest.approx(1e-2 * least, rel=1e-6)
+    exact = torch.as_tensor(np.c_[a, a.sum(1)])
+    assert em.data_reg_covar(exact) == 1e-12
+    # weights count: rows of weight 0 do not widen the data
+    wide = torch.cat([exact, torch.as_tensor(rng.standard_normal((50, 3)))])
+    w = torch.cat([torch.ones(2000), torch.zeros(50)]).double()
+    assert em.data_reg_covar(wide) == 1e-6
+    assert em.data_reg_covar(wide, w) == 1e-12
+    # too few rows to tell: no more rows than features leave an eigenvalue of 0 by chance
+    assert em.data_reg_covar(torch.as_tensor(rng.standard_normal((60, 50)))) == 1e-6
+    b = rng.standard_normal((12, 4))
+    flat = torch.as_tensor(np.c_[b, b.sum(1)])  # 5 features: 12 rows are enough, 11 not
+    assert em.data_reg_covar(flat) == 1e-12
+    assert em.data_reg_covar(flat[:11]) == 1e-6
