@@ -256,7 +256,8 @@ class RealNVPDensity(
     learning_rate : {"cosine", "constant"}, default="cosine"
         Learning-rate schedule over the ``max_iter`` epochs.
     alpha : float, default=0.0
-        L2 penalty (Adam weight decay).
+        L2 penalty (Adam weight decay) on the couplings' parameters; a mixture base's
+        parameters are not decayed.
     input_noise : float, default=0.0
         Standard deviation of Gaussian noise added afresh to every training minibatch, in
         units of each feature's standard deviation (noise regularisation). It smooths the
@@ -667,10 +668,14 @@ class RealNVPDensity(
         state = getattr(self, "_optimizer_state", None)
         if state is None:
             return None
-        optimizer = make_adam(work.parameters(), self.learning_rate_init, self.alpha)
-        optimizer.load_state_dict(state)
-        for group in optimizer.param_groups:
-            group["weight_decay"] = self.alpha
+        optimizer = make_adam(work, self.learning_rate_init, self.alpha)
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError:  # saved before the base had its own group: Adam starts afresh
+            return None
+        decays = [self.alpha, 0.0]  # the transform's group, then the base's (make_adam)
+        for group, decay in zip(optimizer.param_groups, decays):
+            group["weight_decay"] = decay
         return optimizer
 
     def _prepare_training_data(self, X, valid_idx, seed: int) -> np.ndarray:

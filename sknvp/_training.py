@@ -56,14 +56,25 @@ def evaluate_log_prob(module: nn.Module, x: Tensor, batch_size: int = 65536) -> 
     return torch.cat(parts) if parts else x.new_zeros(0)
 
 
-def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam with the fused kernel where this torch build has it (several times faster per step
-    for many small tensors), else the default implementation."""
-    params = list(params)
+def make_adam(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam over ``module``'s parameters, with the fused kernel where this torch build has it
+    (several times faster per step for many small tensors), else the default implementation.
+
+    ``weight_decay`` (an L2 penalty, as scikit-learn's ``alpha``) applies to the transform's
+    parameters only: the parameters of a trainable base density (``module.base``: a mixture's
+    weights, means and precision factors) form a second group without it, since shrinking
+    them towards 0 pulls the mixture towards one standard normal rather than regularising.
+    """
+    base = getattr(module, "base", None)
+    own = set() if base is None else {id(p) for p in base.parameters()}
+    params = list(module.parameters())
+    groups = [{"params": [p for p in params if id(p) not in own], "weight_decay": weight_decay}]
+    if own:
+        groups.append({"params": [p for p in params if id(p) in own], "weight_decay": 0.0})
     try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr=lr)
 
 
 def fresh_noise_adder(
@@ -311,7 +322,7 @@ def fit_flow(
     snapshots = _Snapshots(module)
     module.train()
     if optimizer is None:
-        optimizer = make_adam(module.parameters(), learning_rate_init, alpha)
+        optimizer = make_adam(module, learning_rate_init, alpha)
     result = TrainResult()
     start = time.perf_counter()
     monitor_valid = x_valid is not None and len(x_valid) > 0
