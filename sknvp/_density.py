@@ -540,6 +540,15 @@ class RealNVPDensity(
                 f"got {len(rows)}. Pass fewer components or n_components='auto'."
             )
         else:
+            if self.n_components > len(rows) // (d + 1):
+                warnings.warn(
+                    f"n_components={self.n_components} leaves fewer than n_features + 1 = "
+                    f"{d + 1} training rows per component ({len(rows)} rows): covariances "
+                    "this poorly determined give a density that spikes on a few rows and "
+                    "scores new rows very low. Pass fewer components or n_components='auto'.",
+                    UserWarning,
+                    stacklevel=5,
+                )
             fit = fit_gaussian_mixture(
                 U, self.n_components, weights=weights, generator=generator, reg_covar=reg_covar
             )
