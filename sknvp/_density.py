@@ -24,7 +24,12 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from ._compat import Interval, StrOptions, _fit_context, check_sample_weight
 from ._training import fit_flow, fresh_noise_adder, make_adam
 from ._utils import TORCH_DTYPES, cast_module, derive_seed, map_batches, resolve_device
-from .em import data_reg_covar, fit_gaussian_mixture, select_gaussian_mixture
+from .em import (
+    data_reg_covar,
+    fit_gaussian_mixture,
+    max_mixture_size,
+    select_gaussian_mixture,
+)
 from .flows import RealNVPFlow, build_realnvp
 from .masks import MASK_TYPES
 from .mixture import GaussianMixtureBase
@@ -228,7 +233,8 @@ class RealNVPDensity(
         1 to 10, 13, 17, 22, 29, 38, 49 and 64 components (at most one per
         ``n_features + 1`` training rows) and keeps the one with the best log-likelihood on
         the validation rows (by BIC without ``early_stopping``), stopping after three sizes
-        in a row without a better one (:func:`sknvp.em.select_gaussian_mixture`). EM sees at
+        in a row without a better one once it has tried twice the best size
+        (:func:`sknvp.em.select_gaussian_mixture`). EM sees at
         most 20,000 training rows (fewer with many features: rows x features\ :sup:`2` at
         most 5e7, but at least 2,000 rows), subsampled with the seed, and honours
         ``sample_weight``. Ignored with ``base="normal"``.
@@ -540,7 +546,7 @@ class RealNVPDensity(
                 f"got {len(rows)}. Pass fewer components or n_components='auto'."
             )
         else:
-            if self.n_components > len(rows) // (d + 1):
+            if self.n_components > max_mixture_size(len(rows), d):
                 warnings.warn(
                     f"n_components={self.n_components} leaves fewer than n_features + 1 = "
                     f"{d + 1} training rows per component ({len(rows)} rows): covariances "
@@ -713,7 +719,7 @@ class RealNVPDensity(
         standardize = _leading_standardize(work)
         if dtype != torch.float64 and standardize is not None:
             centre = standardize.loc.detach().to(torch.float64).cpu().clone()
-            standardize.loc.zero_()
+            _zero_centre(work)
             X = X - centre.numpy()
         work = work.to(device=device, dtype=dtype)
         x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype)
@@ -894,9 +900,8 @@ class RealNVPDensity(
     def _inference_module(self):
         """The fitted flow in the inference dtype (``module_`` itself or a cached copy; below
         float64 a copy centred at 0, for rows minus :meth:`_inference_centre`)."""
-        dtype = self._inference_dtype()
-        centred = dtype != torch.float64 and _leading_standardize(self.module_) is not None
-        return cast_module(self.module_, dtype, _zero_centre if centred else None)
+        centred = self._inference_centre() is not None
+        return cast_module(self.module_, self._inference_dtype(), _zero_centre if centred else None)
 
     def _map(self, fn, X, out_shape, *, shift_in=None, shift_out=None) -> np.ndarray:
         return map_batches(

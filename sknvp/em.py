@@ -33,6 +33,7 @@ __all__ = [
     "data_reg_covar",
     "fit_gaussian_mixture",
     "log_likelihoods",
+    "max_mixture_size",
     "mean_log_likelihood",
     "mixture_sizes",
     "select_gaussian_mixture",
@@ -69,6 +70,17 @@ def _normalised_weights(x: Tensor, weights: Tensor | None) -> Tensor:
         return x.new_ones(n)
     w = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
     return w * (n / w.sum())
+
+
+def _weighted_mean(values: Tensor, w: Tensor) -> float:
+    """Mean of ``values`` under weights ``w`` that sum to the number of rows."""
+    return float((values * w).sum()) / values.shape[0]
+
+
+def max_mixture_size(n_rows: int, n_features: int) -> int:
+    """Most components a full-covariance mixture of ``n_rows`` rows is given: one per
+    ``n_features + 1`` rows (fewer rows leave a covariance singular), at least one."""
+    return max(1, n_rows // (n_features + 1))
 
 
 def _kmeans_plus_plus(x: Tensor, w: Tensor, k: int, generator) -> Tensor:
@@ -274,8 +286,7 @@ def log_likelihoods(fit: MixtureFit, x: Tensor) -> Tensor:
 
 def mean_log_likelihood(fit: MixtureFit, x: Tensor, weights: Tensor | None = None) -> float:
     """Weighted mean log-likelihood of the rows of ``x`` under a fitted mixture."""
-    w = _normalised_weights(x, weights)
-    return float((log_likelihoods(fit, x) * w).sum()) / x.shape[0]
+    return _weighted_mean(log_likelihoods(fit, x), _normalised_weights(x, weights))
 
 
 def _one_standard_error_choice(fits: list, scores: list[Tensor], w: Tensor) -> MixtureFit:
@@ -283,12 +294,12 @@ def _one_standard_error_choice(fits: list, scores: list[Tensor], w: Tensor) -> M
     error of the best one's, the error being that of the mean per-row difference between
     the two (rows scored by both fits, so what they share cancels)."""
     n = w.shape[0]
-    means = [float((v * w).sum()) / n for v in scores]
+    means = [_weighted_mean(v, w) for v in scores]
     top = max(range(len(fits)), key=means.__getitem__)
     for i, fit in enumerate(fits):
         diff = scores[i] - scores[top]
-        mean = float((diff * w).sum()) / n
-        se = math.sqrt(max(float((w * (diff - mean) ** 2).sum()) / n, 0.0) / n)
+        mean = _weighted_mean(diff, w)
+        se = math.sqrt(max(_weighted_mean((diff - mean) ** 2, w), 0.0) / n)
         if mean >= -se:
             return fit
     return fits[top]
@@ -319,8 +330,7 @@ def select_gaussian_mixture(
     singular, and its density a spike that neither criterion reliably rejects). Other keyword
     arguments go to :func:`fit_gaussian_mixture`.
     """
-    n, d = x.shape
-    cap = max(1, min(max_components, n // (d + 1)))
+    cap = min(max_components, max_mixture_size(*x.shape))
     fits, per_row = [], []
     best_score, best_k, since = -math.inf, 1, 0
     w_valid = None if x_valid is None else _normalised_weights(x_valid, w_valid)
@@ -330,7 +340,7 @@ def select_gaussian_mixture(
             score = -fit.bic
         else:
             per_row.append(log_likelihoods(fit, x_valid))
-            score = float((per_row[-1] * w_valid).sum()) / x_valid.shape[0]
+            score = _weighted_mean(per_row[-1], w_valid)
         fits.append(fit)
         if score > best_score:
             best_score, best_k, since = score, k, 0
