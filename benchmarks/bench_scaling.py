@@ -62,6 +62,7 @@ ARCH = {
     "device": "cpu",
     "random_state": 0,
     "base": "normal",  # epoch time of the flow alone (a mixture base adds an EM fit first)
+    "alpha": 0.0,  # as measured before weight decay became the default
 }
 MB = 2**20
 FIELDS = [

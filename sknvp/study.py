@@ -226,6 +226,7 @@ def _estimator(cfg: StudyConfig, fit: Fit, **overrides):
         n_iter_no_change=max(5, math.ceil(cfg.patience_steps / per_epoch)),
         random_state=fit.seed, device=cfg.device,
         base="normal",  # the study's flows, as the paper's, map to a standard normal
+        alpha=0.0,  # and train without weight decay, as the study did
     )
     return RealNVPDensity(**{**params, **overrides})
 
@@ -385,7 +386,7 @@ def _step_seconds(cfg: StudyConfig, fit: Fit) -> float:
     est = RealNVPDensity(
         n_couplings=fit.n_couplings, hidden_layer_sizes=fit.hidden, activation=fit.activation,
         max_iter=4, batch_size=cfg.batch_size, early_stopping=False, random_state=0,
-        device=cfg.device, base="normal",
+        device=cfg.device, base="normal", alpha=0.0,
     )
     with _torch_threads(cfg.threads), warnings.catch_warnings():
         warnings.simplefilter("ignore")
