@@ -1151,7 +1151,9 @@ def _unstable(result) -> bool:
     """Training blew up without non-finite values: the training loss ended more than 1 nat
     above its best, or no epoch beat the initial weights, validation fell over 1 nat and the
     training loss never got below the initial weights' loss (the steps themselves made the
-    model worse; when the training loss did fall, that is overfitting, not instability).
+    model worse; when the training loss did fall, that is overfitting, not instability), or,
+    without validation rows, no epoch's training loss came within 1 nat of the initial
+    weights' and they were kept.
 
     Only the epochs after the last learning-rate drop count: a drop restores the best weights,
     so the curves restart from there (a loss that overfitting had pushed down jumps back up),
@@ -1162,7 +1164,12 @@ def _unstable(result) -> bool:
     # With no better epoch, best_score is the initial weights' validation score, and their
     # loss on the training rows is about its negative.
     never = _fell_from_start(result) and min(curve) > -result.best_score - 1.0
-    return rose or never
+    # Without validation rows best_score is the initial weights' own training log-likelihood.
+    never_without_validation = (
+        not result.validation_scores and result.best_epoch < 0 and bool(curve)
+        and min(curve) > -result.best_score + 1.0
+    )
+    return rose or never or never_without_validation
 
 
 def _fell_from_start(result) -> bool:

@@ -245,10 +245,11 @@ def _validation_score(module, x, w) -> float:
     return float(_weighted_mean(evaluate_log_prob(module, x), w))
 
 
-def _keep_better_on_training_data(module, candidate, x, w, snapshots=None) -> None:
+def _keep_better_on_training_data(module, candidate, x, w, snapshots=None) -> bool:
     """Keep the final weights unless ``candidate`` fits the training data better (a run whose
-    last epochs blew up without producing non-finite numbers). ``snapshots``, if given, is
-    the fit's :class:`_Snapshots` that holds ``candidate`` as its kept snapshot."""
+    last epochs blew up without producing non-finite numbers); return whether ``candidate``
+    was restored. ``snapshots``, if given, is the fit's :class:`_Snapshots` that holds
+    ``candidate`` as its kept snapshot."""
     if snapshots is None:
         snapshots = _Snapshots(module)
         snapshots.keep(candidate)
@@ -258,6 +259,8 @@ def _keep_better_on_training_data(module, candidate, x, w, snapshots=None) -> No
     best = _validation_score(module, x, w)
     if math.isfinite(final) and not best > final:
         snapshots.restore(final_state)
+        return False
+    return True
 
 
 def fit_flow(
@@ -328,9 +331,17 @@ def fit_flow(
     monitor_valid = x_valid is not None and len(x_valid) > 0
     best_state = snapshots.take()
     snapshots.keep(best_state)
-    result.best_score = (
-        _validation_score(module, x_valid, w_valid) if monitor_valid else -math.inf
-    )
+    if monitor_valid:
+        result.best_score = _validation_score(module, x_valid, w_valid)
+    elif keep_better and transform_batch is None:
+        # Without validation rows the initial weights compete on their exact training loss
+        # (an epoch's loss is measured while its steps change the weights, so the first
+        # epoch's loss does not stand for the initial weights): a learning rate that ruins
+        # the first step, after which the loss only falls, would otherwise keep the ruin.
+        # (Batches transformed in training, e.g. noisy, are not scored like the raw rows.)
+        result.best_score = _validation_score(module, x_train, w_train)
+    if not math.isfinite(result.best_score):
+        result.best_score = -math.inf
     no_improvement = 0
     lr_factor = 1.0
     try:
@@ -388,7 +399,9 @@ def fit_flow(
     if monitor_valid or result.diverged or result.interrupted:
         snapshots.restore(best_state)
     elif keep_better:
-        _keep_better_on_training_data(module, best_state, x_train, w_train, snapshots)
+        kept = _keep_better_on_training_data(module, best_state, x_train, w_train, snapshots)
+        if not kept and result.best_epoch < 0:  # the final weights beat the initial ones
+            result.best_epoch = result.n_iter - 1
     module.eval()
     result.fit_seconds = time.perf_counter() - start
     return result, optimizer

@@ -601,16 +601,18 @@ def _all_finite(est):
     )
 
 
+_RECORDING = {
+    "n_couplings": 4,
+    "hidden_layer_sizes": (16,),
+    "max_iter": 12,
+    "batch_size": 32,
+    "random_state": 0,
+    "device": "cpu",
+}
+
+
 def _fit_recording(X, **params):
-    params = {
-        "n_couplings": 4,
-        "hidden_layer_sizes": (16,),
-        "max_iter": 12,
-        "batch_size": 32,
-        "random_state": 0,
-        "device": "cpu",
-        **params,
-    }
+    params = {**_RECORDING, **params}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         est = RealNVPDensity(**params).fit(X)
@@ -663,6 +665,20 @@ def test_huge_learning_rate_keeps_finite_weights_and_warns(early_stopping):
     assert advice, [str(w.message) for w in caught]
     # fit_flow restores the best weights (by validation score, else by training loss)
     assert re.search(r"kept (the weights of epoch \d+|the initial weights)", advice[0]), advice
+
+
+def test_a_first_step_that_ruins_the_flow_is_undone_without_validation_rows():
+    # lr=10 with weight decay: the first steps push the training loss to 1e21 nats and every
+    # later epoch lowers it (to 4e19), so no "rose" and no non-finite value; the initial
+    # weights were never scored exactly and the ruin was kept with a max_iter warning only.
+    X = _moons()
+    start = RealNVPDensity(**{**_RECORDING, "max_iter": 1, "learning_rate_init": 1e-300,
+                              "early_stopping": False}).fit(X)
+    est, caught = _fit_recording(X, learning_rate_init=10.0, early_stopping=False, alpha=1e-3)
+    assert est.loss_curve_[-1] > 1e6  # the steps themselves ruined the flow
+    np.testing.assert_allclose(est.score(X), start.score(X), rtol=1e-6)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert any("unstable" in m and "kept the initial weights" in m for m in msgs), msgs
 
 
 def test_unbounded_scales_diverge_to_best_finite_weights():
