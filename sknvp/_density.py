@@ -19,7 +19,7 @@ from sklearn.base import (
 )
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from ._compat import Interval, StrOptions, _fit_context, check_sample_weight
 from ._training import fit_flow, fresh_noise_adder, make_adam
@@ -993,7 +993,15 @@ class RealNVPDensity(
         X : ndarray of shape (n_samples, n_features)
         """
         check_is_fitted(self)
-        Z = validate_data(self, Z, dtype=[np.float64, np.float32], reset=False)
+        # Latent columns are not the data's features: no feature-name check (as sklearn's
+        # inverse_transform methods), so the output of transform under
+        # set_output(transform="pandas") comes back; the column count is still checked.
+        Z = check_array(Z, dtype=[np.float64, np.float32], input_name="X", estimator=self)
+        if Z.shape[1] != self.n_features_in_:
+            raise ValueError(  # scikit-learn's wording
+                f"X has {Z.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
+            )
         module = self._inference_module()
         return self._map(
             lambda z: module.inverse(z)[0], Z, (self.n_features_in_,),

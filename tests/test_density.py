@@ -458,3 +458,15 @@ def test_input_noise_closes_the_holes_of_a_small_circles_fit(seed):
     assert lowest_plain < lowest_noisy - 20  # the failure this is about
     assert mixture.score_samples(X_test).min() > -25
     assert mixture.score(X_test) > plain.score(X_test) + 0.3
+
+
+def test_pandas_output_of_transform_inverts(fitted, moons):
+    # set_output(transform="pandas") names the latent columns realnvpdensity0, ...; the
+    # feature-name check of validate_data rejected them in inverse_transform (sklearn's own
+    # inverse transforms do not check names).
+    pd = pytest.importorskip("pandas")
+    est = clone(fitted).set_params(max_iter=2).fit(pd.DataFrame(moons[0], columns=["a", "b"]))
+    est.set_output(transform="pandas")
+    Z = est.transform(pd.DataFrame(moons[1], columns=["a", "b"]))
+    assert list(Z.columns) == list(est.get_feature_names_out())
+    np.testing.assert_allclose(est.inverse_transform(Z), moons[1], atol=1e-8)
