@@ -26,8 +26,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .mixture import standardized_residuals
-
 __all__ = [
     "MixtureFit",
     "data_reg_covar",
