@@ -242,3 +242,27 @@ def test_profile_quick_run_times_sknvp_and_peers_epochs(tmp_path):
     assert summary["macs_per_row"] == 8 * (1 * 64 + 64 * 64 + 64 * 2)  # 8 couplings of 2x64
     assert math.isfinite(summary["epoch"]["epoch_cpu_s"]) and summary["aten_calls"] > 0
     assert "| sknvp (matched) |" in text
+
+
+SCALING_SCRIPT = SCRIPT.with_name("bench_scaling.py")
+
+
+def test_base_cost_quick_run_times_both_bases_and_writes_doc_block(tmp_path):
+    # --base-cost times an epoch and the one-off start on the normal and the mixture base
+    # (each in a fresh process), and writes its CSV, figure and block into the doc.
+    spec = importlib.util.spec_from_file_location("bench_scaling", SCALING_SCRIPT)
+    scaling = importlib.util.module_from_spec(spec)
+    sys.modules["bench_scaling"] = scaling  # its dataclass looks its module up there
+    spec.loader.exec_module(scaling)
+    doc = tmp_path / "scale_out.md"
+    doc.write_text(f"# Scaling out\n\n{scaling.BASE_BEGIN}\nstale\n{scaling.BASE_END}\n")
+    rows = scaling.main(["--base-cost", "--quick", "--threads", "1", "--out", str(tmp_path),
+                         "--doc", str(doc)])
+    assert sorted((r["n_features"], r["base"]) for r in rows) == [
+        (2, "mixture"), (2, "normal"), (4, "mixture"), (4, "normal")]
+    for r in rows:
+        assert math.isfinite(r["cpu_s_per_epoch"]) and r["startup_cpu_s"] > -1.0
+        assert (r["n_components"] >= 1) == (r["base"] == "mixture")
+    assert (tmp_path / "base_cost.csv").exists() and (tmp_path / "scaling_base.png").exists()
+    text = doc.read_text()
+    assert "stale" not in text and text.count("| 2 | ") == 1 and "scaling_base.png" in text
