@@ -21,7 +21,13 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from ._compat import Interval, StrOptions, _fit_context, check_sample_weight
+from ._compat import (
+    Interval,
+    StrOptions,
+    _fit_context,
+    check_n_features,
+    check_sample_weight,
+)
 from ._training import fit_flow, fresh_noise_adder, make_adam
 from ._utils import TORCH_DTYPES, cast_module, derive_seed, map_batches, resolve_device
 from .em import (
@@ -155,8 +161,9 @@ def _check_training_range(X: np.ndarray, dtype: str) -> None:
     in float32 sees the rows minus the standardisation's centre, taken in float64)."""
     if dtype != "float32":
         return
-    with np.errstate(over="ignore", invalid="ignore"):
-        big = float(np.max(np.abs(X - np.mean(X, axis=0, dtype=np.float64)), initial=0.0))
+    with np.errstate(over="ignore", invalid="ignore"):  # per column: no copy of X
+        mean = np.mean(X, axis=0, dtype=np.float64)
+        big = float(np.max(np.maximum(X.max(axis=0) - mean, mean - X.min(axis=0)), initial=0.0))
     limit = float(np.finfo(np.float32).max)
     if not big <= limit:
         raise ValueError(
@@ -661,8 +668,11 @@ class RealNVPDensity(
             if (k.endswith("_") and not k.startswith("__")) or k == "_optimizer_state"
         }
 
-    def _to_tensors(self, X, w, idx, device, dtype):
-        x = torch.as_tensor(X[idx], device=device).to(dtype)
+    def _to_tensors(self, X, w, idx, device, dtype, shift=None):
+        """Rows ``idx`` of ``X`` (minus ``shift``, in float64) and their weights (None when
+        all equal) as tensors."""
+        rows = X[idx] if shift is None else X[idx] - shift
+        x = torch.as_tensor(rows, device=device).to(dtype)
         weights = w[idx]
         if np.all(weights == weights[0]) if len(weights) else True:
             return x, None
@@ -686,12 +696,12 @@ class RealNVPDensity(
         if state is None:
             return None
         optimizer = make_adam(work, self.learning_rate_init, self.alpha)
+        decays = [group["weight_decay"] for group in optimizer.param_groups]  # this alpha's
         try:
             optimizer.load_state_dict(state)
         except ValueError:  # saved before the base had its own group: Adam starts afresh
             return None
-        decays = [self.alpha, 0.0]  # the transform's group, then the base's (make_adam)
-        for group, decay in zip(optimizer.param_groups, decays):
+        for group, decay in zip(optimizer.param_groups, decays, strict=True):
             group["weight_decay"] = decay
         return optimizer
 
@@ -722,10 +732,10 @@ class RealNVPDensity(
         if dtype != torch.float64 and standardize is not None:
             centre = standardize.loc.detach().to(torch.float64).cpu().clone()
             _zero_centre(work)
-            X = X - centre.numpy()
         work = work.to(device=device, dtype=dtype)
-        x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype)
-        x_va, w_va = self._to_tensors(X, sample_weight, valid_idx, device, dtype)
+        shift = None if centre is None else centre.numpy()
+        x_tr, w_tr = self._to_tensors(X, sample_weight, train_idx, device, dtype, shift)
+        x_va, w_va = self._to_tensors(X, sample_weight, valid_idx, device, dtype, shift)
         optimizer = self._resume_optimizer(work) if warm else None
         if self.batch_size == "auto":
             batch_size = self._default_batch_size(len(train_idx))
@@ -997,11 +1007,7 @@ class RealNVPDensity(
         # inverse_transform methods), so the output of transform under
         # set_output(transform="pandas") comes back; the column count is still checked.
         Z = check_array(Z, dtype=[np.float64, np.float32], input_name="X", estimator=self)
-        if Z.shape[1] != self.n_features_in_:
-            raise ValueError(  # scikit-learn's wording
-                f"X has {Z.shape[1]} features, but {type(self).__name__} is expecting "
-                f"{self.n_features_in_} features as input."
-            )
+        check_n_features(self, Z)
         module = self._inference_module()
         return self._map(
             lambda z: module.inverse(z)[0], Z, (self.n_features_in_,),
