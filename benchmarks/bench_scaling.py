@@ -188,6 +188,22 @@ def _stream(est, path: str, chunk_rows: int) -> None:
         est.partial_fit(chunk)
 
 
+def _warm_up(n_rows: int = 2048) -> None:
+    """torch's first training step loads kernels and thread pools (~100 MB, ~1 s): pay it on
+    a throwaway fit so that neither timings nor memory measured after it count it."""
+    from sknvp import RealNVPDensity
+
+    RealNVPDensity(max_iter=1, **{**ARCH, "n_couplings": 1}).fit(moons(n_rows, seed=1))
+
+
+def _thread_env(threads: int | None) -> dict:
+    """This process's environment, with ``threads`` BLAS/OpenMP threads if given."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def run_case(case: Case) -> dict:
     """Run one configuration in this process and return its measurements."""
     import warnings
@@ -197,9 +213,7 @@ def run_case(case: Case) -> dict:
     from sknvp import RealNVPDensity
 
     warnings.simplefilter("ignore")  # ConvergenceWarning: max_iter is deliberately tiny
-    # torch's first training step loads kernels and thread pools (~100 MB, ~1 s): pay it on a
-    # throwaway fit so that neither the timings nor "added MB" count it.
-    RealNVPDensity(max_iter=1, **{**ARCH, "n_couplings": 1}).fit(moons(2048, seed=1))
+    _warm_up()  # neither the timings nor "added MB" count torch's start-up
     _reset_peak()
     base = _rss_mb()
     est = RealNVPDensity(max_iter=case.epochs, **ARCH)
@@ -232,9 +246,7 @@ def run_case(case: Case) -> dict:
 
 def spawn(case: Case, threads: int | None, timeout: float) -> dict | None:
     """Run ``case`` in a fresh interpreter; None (with a message) if it fails or times out."""
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = _thread_env(threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(case))]
     try:
         out = subprocess.run(
@@ -273,7 +285,7 @@ def run_base_cost(n_features: int, n_rows: int, epochs: int) -> list[dict]:
     from sknvp import RealNVPDensity
 
     warnings.simplefilter("ignore")
-    RealNVPDensity(max_iter=1, **{**ARCH, "n_couplings": 1}).fit(moons(2048, seed=1))
+    _warm_up()
     X = correlated_gaussian(n_rows, n_features, seed=0)
     rows = []
     for base in ("normal", "mixture"):
@@ -311,9 +323,7 @@ def base_cost_sweep(args, out_dir: Path, doc: Path | None) -> list[dict]:
     feats, n_rows, epochs = ([2, 4], 1_000, 1) if args.quick else (
         [2, 4, 8, 16, 32, 64, 128, 256], 20_000, 5
     )
-    env = dict(os.environ)
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = _thread_env(args.threads)
     rows = []
     for d in feats:
         print(f"base cost, features={d:>3d} ...", end=" ", flush=True)
@@ -419,11 +429,9 @@ def _warm_worker() -> None:
 
     import sklearn.model_selection  # noqa: F401
 
-    from sknvp import RealNVPDensity
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        RealNVPDensity(max_iter=1, **{**ARCH, "n_couplings": 1}).fit(moons(256, seed=1))
+        _warm_up(256)
 
 
 def run_search(backend: str, workers: int, n_rows: int, epochs: int) -> dict:
@@ -476,9 +484,7 @@ def search_sweep(args, out_dir: Path, doc: Path | None) -> list[dict]:
     n_rows, epochs = (2_000, 1) if args.quick else (20_000, 3)
     rows = []
     for backend in ("serial", "loky", "threading", "dask"):
-        env = dict(os.environ)
-        if args.threads:
-            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        env = _thread_env(args.threads)
         job = json.dumps([backend, workers, n_rows, epochs])
         cmd = [sys.executable, str(Path(__file__).resolve()), "--search-worker", job]
         print(f"search {backend:>9s} ...", end=" ", flush=True)
@@ -671,9 +677,7 @@ def example_figure(path: Path, threads: int | None) -> None:
         "plt.show = lambda: plt.gcf().savefig(sys.argv[1], dpi=110); "
         "runpy.run_path(sys.argv[2], run_name='__main__')"
     )
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = _thread_env(threads)
     example = ROOT / "examples" / "plot_out_of_core.py"
     subprocess.run([sys.executable, "-c", code, str(path), str(example)], env=env, check=True)
     print(f"figure in {path}")
