@@ -154,9 +154,13 @@ class _Coupling:
             for _, act in layers
         ]
         self.single_input = layers[0][0].in_features == 1
+        # Block layouts split at one column: the kept block left of it or right of it.
+        n, k = layer.mask.numel(), layer._n_kept
+        self.kept_left = layer._layout == "kept_first"
+        self.boundary = {"kept_first": k, "kept_last": n - k}.get(layer._layout)
 
-    def forward(self, x: Tensor):
-        x_kept, x_free = self.split(x)
+    def forward_parts(self, x_kept: Tensor, x_free: Tensor):
+        """``(y_free, s, cache)``: the transformed part (the kept part passes unchanged)."""
         inputs, saved = [x_kept], []  # each linear layer's input; each activation's saved
         h = x_kept
         for j, (weight, bias, act) in enumerate(zip(self.weights, self.biases, self.acts)):
@@ -178,12 +182,19 @@ class _Coupling:
         s = th * self.bound
         es = torch.exp(s)
         x_es = x_free * es
-        y = self.join(x_kept, x_es + h[:, d:])
-        return y, s, (inputs, saved, th, es, x_es)
+        return x_es + h[:, d:], s, (inputs, saved, th, es, x_es)
 
-    def backward(self, g_y: Tensor, neg_w: Tensor, cache, need_input_grad: bool):
+    def forward(self, x: Tensor):
+        x_kept, x_free = self.split(x)
+        y_free, s, cache = self.forward_parts(x_kept, x_free)
+        return self.join(x_kept, y_free), s, cache
+
+    def backward_parts(
+        self, g_kept: Tensor, g_free: Tensor, neg_w: Tensor, cache, need_input_grad: bool
+    ):
+        """Writes the parameters' gradients; returns the gradients of the coupling's kept and
+        free inputs (None if not ``need_input_grad``)."""
         inputs, saved, th, es, x_es = cache
-        g_kept, g_free = self.split(g_y)
         g_s = torch.addcmul(neg_w, g_free, x_es)
         g_h = torch.cat([_aten.tanh_backward(g_s, th), g_free], dim=1)
         weights, acts = self.weights, self.acts
@@ -195,7 +206,12 @@ class _Coupling:
         torch.sum(g_h, 0, out=self.biases[0].grad)
         if not need_input_grad:
             return None
-        return self.join(torch.addmm(g_kept, g_h, weights[0]), g_free * es)
+        return torch.addmm(g_kept, g_h, weights[0]), g_free * es
+
+    def backward(self, g_y: Tensor, neg_w: Tensor, cache, need_input_grad: bool):
+        g_kept, g_free = self.split(g_y)
+        grads = self.backward_parts(g_kept, g_free, neg_w, cache, need_input_grad)
+        return None if grads is None else self.join(*grads)
 
 
 class _MixtureBase:
@@ -251,6 +267,10 @@ class ManualGradient:
         self.couplings = couplings
         self.base = base
         self.params = list(flow.parameters())
+        # The column every coupling splits at, where all split at the same one (block masks:
+        # "alternating"); None where any coupling gathers its features or splits elsewhere.
+        bounds = {c.boundary for c in couplings}
+        self.boundary = bounds.pop() if len(bounds) == 1 else None
 
     def _ensure_grads(self) -> None:
         # The gradients are written in place (``out=``) into buffers kept between steps.
@@ -268,14 +288,11 @@ class ManualGradient:
         for layer in self.prefix:
             x, ld = layer(x)
             const = const + ld[0]
-        caches = []
-        s_total = None
-        for c in self.couplings:
-            x, s, cache = c.forward(x)
-            caches.append(cache)
-            s_sum = s.sum(1) if w is not None else s.sum()
-            s_total = s_sum if s_total is None else s_total + s_sum
-        z = x
+        b = self.boundary
+        if b is None:
+            z, s_total, caches = self._forward(x, w)
+        else:
+            z, s_total, caches = self._forward_halves(x[:, :b], x[:, b:], w)
         if self.base is not None:
             w_col = z.new_full((1, 1), 1.0 / n) if w is None else (w / w.sum()).reshape(n, 1)
             loss, g = self.base.loss_and_grad(z, w_col)
@@ -293,10 +310,48 @@ class ManualGradient:
             loss = torch.dot(per_row, w_col.reshape(-1)) + 0.5 * z.shape[1] * _LOG_2PI - const
             g = z * w_col
         neg_w = -w_col
-        last = len(self.couplings) - 1
-        for i in range(last, -1, -1):
-            g = self.couplings[i].backward(g, neg_w, caches[i], need_input_grad=i > 0)
+        if b is None:
+            for i in range(len(self.couplings) - 1, -1, -1):
+                g = self.couplings[i].backward(g, neg_w, caches[i], need_input_grad=i > 0)
+        else:
+            self._backward_halves(g[:, :b], g[:, b:], neg_w, caches)
         return loss
+
+    def _forward(self, x: Tensor, w: Tensor | None):
+        caches, s_total = [], None
+        for c in self.couplings:
+            x, s, cache = c.forward(x)
+            caches.append(cache)
+            s_sum = s.sum(1) if w is not None else s.sum()
+            s_total = s_sum if s_total is None else s_total + s_sum
+        return x, s_total, caches
+
+    def _forward_halves(self, left: Tensor, right: Tensor, w: Tensor | None):
+        # Every coupling keeps one of the same two blocks of features, so the blocks stay
+        # apart until the base density: no split and no join per coupling (about a sixth of
+        # a coupling's operations, each a few microseconds at these sizes).
+        caches, s_total = [], None
+        for c in self.couplings:
+            if c.kept_left:
+                right, s, cache = c.forward_parts(left, right)
+            else:
+                left, s, cache = c.forward_parts(right, left)
+            caches.append(cache)
+            s_sum = s.sum(1) if w is not None else s.sum()
+            s_total = s_sum if s_total is None else s_total + s_sum
+        return torch.cat([left, right], dim=1), s_total, caches
+
+    def _backward_halves(self, g_left: Tensor, g_right: Tensor, neg_w: Tensor, caches) -> None:
+        for i in range(len(self.couplings) - 1, -1, -1):
+            c, need = self.couplings[i], i > 0
+            if c.kept_left:
+                grads = c.backward_parts(g_left, g_right, neg_w, caches[i], need)
+                if grads is not None:
+                    g_left, g_right = grads
+            else:
+                grads = c.backward_parts(g_right, g_left, neg_w, caches[i], need)
+                if grads is not None:
+                    g_right, g_left = grads
 
 
 _LOG_2PI = math.log(2 * math.pi)
