@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ._adam import step_function
 from ._backprop import manual_gradient
 
 __all__ = ["TrainResult", "batch_slices", "evaluate_log_prob", "fit_flow", "make_adam"]
@@ -213,12 +214,13 @@ def _learning_rate(schedule: str, lr0: float, epoch: int, max_iter: int) -> floa
 
 
 def _train_epoch(
-    module, optimizer, x, w, batch_size, generator, transform_batch, manual=None
+    module, optimizer, x, w, batch_size, generator, transform_batch, manual=None, step=None
 ) -> tuple[float, int]:
     if not module.training:  # each call of train() walks the whole module tree
         module.train()
     perm = torch.randperm(len(x), generator=generator).to(x.device)
     total, weight_sum, skipped = 0.0, 0.0, 0
+    step = optimizer.step if step is None else step
     for s in batch_slices(len(x), batch_size):
         idx = perm[s]
         wb = None if w is None else w[idx]
@@ -233,7 +235,7 @@ def _train_epoch(
         if manual is None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        optimizer.step()
+        step()
         bw = float(len(idx) if wb is None else wb.sum())
         total += float(loss.detach()) * bw
         weight_sum += bw
@@ -326,6 +328,7 @@ def fit_flow(
     module.train()
     if optimizer is None:
         optimizer = make_adam(module, learning_rate_init, alpha)
+    step, release_step = step_function(optimizer)
     result = TrainResult()
     start = time.perf_counter()
     monitor_valid = x_valid is not None and len(x_valid) > 0
@@ -357,7 +360,7 @@ def fit_flow(
             )
             loss, skipped = _train_epoch(
                 module, optimizer, x_train, w_train, batch_size, generator, transform_batch,
-                manual,
+                manual, step,
             )
             result.skipped_steps += skipped
             if not (math.isfinite(loss) and params_finite()):
@@ -396,6 +399,8 @@ def fit_flow(
                     )
     except KeyboardInterrupt:
         result.interrupted = True
+    finally:
+        release_step()
     if monitor_valid or result.diverged or result.interrupted:
         snapshots.restore(best_state)
     elif keep_better:
