@@ -247,14 +247,23 @@ def _validation_score(module, x, w) -> float:
     return float(_weighted_mean(evaluate_log_prob(module, x), w))
 
 
-def _keep_better_on_training_data(module, candidate, x, w, snapshots=None) -> bool:
+def _keep_better_on_training_data(
+    module, candidate, x, w, snapshots=None, candidate_score=None
+) -> bool:
     """Keep the final weights unless ``candidate`` fits the training data better (a run whose
     last epochs blew up without producing non-finite numbers); return whether ``candidate``
     was restored. ``snapshots``, if given, is the fit's :class:`_Snapshots` that holds
-    ``candidate`` as its kept snapshot."""
+    ``candidate`` as its kept snapshot; ``candidate_score``, if given, is the candidate's
+    exact training score (it is not measured again)."""
     if snapshots is None:
         snapshots = _Snapshots(module)
         snapshots.keep(candidate)
+    if candidate_score is not None:
+        final = _validation_score(module, x, w)
+        if math.isfinite(final) and not candidate_score > final:
+            return False
+        snapshots.restore(candidate)
+        return True
     final_state = snapshots.take()
     final = _validation_score(module, x, w)
     snapshots.restore(candidate)
@@ -332,11 +341,19 @@ def fit_flow(
     result = TrainResult()
     start = time.perf_counter()
     monitor_valid = x_valid is not None and len(x_valid) > 0
+    # One batch of every training row, untransformed, through a flow without batch norm (what
+    # the hand-derived gradient supports): an epoch's loss is then the exact training loss of
+    # the weights it started from, those of the epoch before, so no pass of their own is needed
+    # to score the initial weights or the kept ones.
+    exact_epoch_loss = (
+        keep_better and not monitor_valid and manual is not None and transform_batch is None
+        and len(batch_slices(len(x_train), batch_size)) == 1
+    )
     best_state = snapshots.take()
     snapshots.keep(best_state)
     if monitor_valid:
         result.best_score = _validation_score(module, x_valid, w_valid)
-    elif keep_better and transform_batch is None:
+    elif keep_better and transform_batch is None and not exact_epoch_loss:
         # Without validation rows the initial weights compete on their exact training loss
         # (an epoch's loss is measured while its steps change the weights, so the first
         # epoch's loss does not stand for the initial weights): a learning rate that ruins
@@ -376,7 +393,8 @@ def fit_flow(
                 break
             no_improvement = 0 if score > result.best_score + tol else no_improvement + 1
             if score > result.best_score:
-                result.best_score, result.best_epoch = score, epoch
+                result.best_score = score
+                result.best_epoch = epoch - 1 if exact_epoch_loss else epoch
                 best_state = at_start or snapshots.take()
                 snapshots.keep(best_state)
             if verbose:
@@ -404,8 +422,11 @@ def fit_flow(
     if monitor_valid or result.diverged or result.interrupted:
         snapshots.restore(best_state)
     elif keep_better:
-        kept = _keep_better_on_training_data(module, best_state, x_train, w_train, snapshots)
-        if not kept and result.best_epoch < 0:  # the final weights beat the initial ones
+        kept = _keep_better_on_training_data(
+            module, best_state, x_train, w_train, snapshots,
+            candidate_score=result.best_score if exact_epoch_loss else None,
+        )
+        if not kept and (result.best_epoch < 0 or exact_epoch_loss):  # the final weights
             result.best_epoch = result.n_iter - 1
     module.eval()
     result.fit_seconds = time.perf_counter() - start

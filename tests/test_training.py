@@ -240,3 +240,61 @@ def test_finiteness_check_follows_the_parameters_in_place(bad, mixed):
             params[i].view(-1)[-1] = saved
         assert check(), i
     assert _finiteness_check([])()
+
+
+def _vector_flow(d=4, seed=0):
+    from sknvp.flows import build_realnvp
+
+    torch.manual_seed(seed)
+    return build_realnvp(d, 4, (16,), "relu", "alternating").double()
+
+
+def _count_scoring_passes(monkeypatch):
+    from sknvp import _training
+
+    calls = []
+    real = _training._validation_score
+    monkeypatch.setattr(
+        _training, "_validation_score", lambda *a: calls.append(1) or real(*a)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("lr", [1e-3, 10.0])
+def test_one_batch_epochs_score_the_kept_weights_without_extra_passes(monkeypatch, lr):
+    # With every training row in one batch an epoch's loss is the exact training loss of the
+    # weights it started from: one pass (the final weights') replaces three, and the weights
+    # kept are the best of the initial, intermediate and final ones all the same.
+    x = torch.randn(60, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls = _count_scoring_passes(monkeypatch)
+    flow = _vector_flow()
+    initial = evaluate(flow, x)
+    result, _ = fit_flow(flow, x, max_iter=6, batch_size=64, learning_rate_init=lr,
+                         learning_rate="constant", n_iter_no_change=100,
+                         generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+    kept = evaluate(flow, x)
+    # the epoch losses are the scores of the weights at each epoch's start
+    assert result.loss_curve[0] == pytest.approx(-initial, rel=1e-10)
+    best_start = max(-min(result.loss_curve), initial)
+    assert kept >= best_start - 1e-9
+    if lr == 10.0:  # steps that ruin the flow: the initial weights come back
+        assert result.loss_curve[-1] > result.loss_curve[0] + 1
+        assert kept == pytest.approx(initial, rel=1e-12)
+        assert result.best_epoch == -1
+    else:
+        assert kept > initial and result.best_epoch == 5  # the final weights
+
+
+def test_several_batches_still_score_the_initial_and_kept_weights(monkeypatch):
+    x = torch.randn(60, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls = _count_scoring_passes(monkeypatch)
+    fit_flow(_vector_flow(), x, max_iter=3, batch_size=32,
+             generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 3  # initial weights, then the final and the kept candidate
+
+
+def evaluate(flow, x):
+    from sknvp._training import evaluate_log_prob
+
+    return float(evaluate_log_prob(flow, x).mean())
