@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 
 import torch
@@ -282,16 +283,23 @@ class ManualGradient:
         self.couplings = couplings
         self.base = base
         self.params = list(flow.parameters())
+        self._checked_grads: list = [_UNCHECKED] * len(self.params)
         # The column every coupling splits at, where all split at the same one (block masks:
         # "alternating"); None where any coupling gathers its features or splits elsewhere.
         bounds = {c.boundary for c in couplings}
         self.boundary = bounds.pop() if len(bounds) == 1 else None
 
     def _ensure_grads(self) -> None:
-        # The gradients are written in place (``out=``) into buffers kept between steps.
+        # The gradients are written in place (``out=``) into buffers kept between steps. The
+        # buffers checked last time are usually still there: an identity check of each (a
+        # tenth of the full check, which cost 60 us a step at the matched size).
+        grads = [p.grad for p in self.params]
+        if all(map(operator.is_, grads, self._checked_grads)):
+            return
         for p in self.params:
             if p.grad is None or p.grad.shape != p.shape or not p.grad.is_contiguous():
                 p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        self._checked_grads = [p.grad for p in self.params]
 
     @torch.no_grad()
     def loss_and_grad(self, x: Tensor, w: Tensor | None = None) -> Tensor:
@@ -370,6 +378,7 @@ class ManualGradient:
 
 
 _LOG_2PI = math.log(2 * math.pi)
+_UNCHECKED = object()  # no gradient tensor is this: the first _ensure_grads checks them all
 _HALF_LOG_2PI = 0.5 * _LOG_2PI
 
 
