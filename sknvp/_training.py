@@ -218,13 +218,20 @@ def _train_epoch(
 ) -> tuple[float, int]:
     if not module.training:  # each call of train() walks the whole module tree
         module.train()
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    slices = batch_slices(len(x), batch_size)
+    # One batch of every row: its loss and gradient do not depend on the rows' order, so it
+    # is not shuffled (no permutation and no copy of the rows each epoch).
+    perm = torch.randperm(len(x), generator=generator).to(x.device) if len(slices) > 1 else None
     total, weight_sum, skipped = 0.0, 0.0, 0
     step = optimizer.step if step is None else step
-    for s in batch_slices(len(x), batch_size):
-        idx = perm[s]
-        wb = None if w is None else w[idx]
-        xb = x[idx] if transform_batch is None else transform_batch(x[idx])
+    for s in slices:
+        if perm is None:
+            xb, wb = x, w
+        else:
+            idx = perm[s]
+            xb, wb = x[idx], None if w is None else w[idx]
+        if transform_batch is not None:
+            xb = transform_batch(xb)
         if manual is not None:  # loss and gradients in one pass, no autograd graph
             loss = manual.loss_and_grad(xb, wb)
         else:
@@ -236,7 +243,7 @@ def _train_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         step()
-        bw = float(len(idx) if wb is None else wb.sum())
+        bw = float(len(xb) if wb is None else wb.sum())
         total += float(loss.detach()) * bw
         weight_sum += bw
     mean_loss = total / weight_sum if weight_sum > 0 else math.nan

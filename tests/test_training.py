@@ -298,3 +298,14 @@ def evaluate(flow, x):
     from sknvp._training import evaluate_log_prob
 
     return float(evaluate_log_prob(flow, x).mean())
+
+
+def test_a_one_batch_epoch_is_not_shuffled():
+    # The loss and gradient of a batch of every row do not depend on the rows' order: the
+    # epoch uses the rows as they are and draws no permutation.
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for batch_size, shuffled in ((64, False), (16, True)):
+        gen = torch.Generator().manual_seed(0)
+        state = gen.get_state()
+        fit_flow(_vector_flow(), x, max_iter=2, batch_size=batch_size, generator=gen)
+        assert torch.equal(gen.get_state(), state) != shuffled
