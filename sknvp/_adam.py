@@ -28,7 +28,9 @@ from torch import Tensor
 
 __all__ = ["FusedAdamStep", "fused_adam_step"]
 
-_UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+_UNSUPPORTED_FLAGS = (
+    "amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay",
+)
 
 
 def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
@@ -137,7 +139,9 @@ def fused_adam_step(optimizer: torch.optim.Optimizer) -> FusedAdamStep | None:
         return None
 
 
-def step_function(optimizer: torch.optim.Optimizer) -> tuple[Callable[[], None], Callable[[], None]]:
+def step_function(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """``(step, release)``: the fast step where it applies, else ``optimizer.step`` and a
     no-op."""
     fast = fused_adam_step(optimizer)

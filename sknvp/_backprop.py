@@ -289,6 +289,24 @@ class ManualGradient:
         bounds = {c.boundary for c in couplings}
         self.boundary = bounds.pop() if len(bounds) == 1 else None
 
+    def couplings_are_identity(self) -> bool:
+        """Whether every coupling's conditioner ends in a zero layer (as a fresh flow's do):
+        then each coupling maps its input to itself with log-determinant 0."""
+        return not any(
+            bool(c.weights[-1].any()) or bool(c.biases[-1].any()) for c in self.couplings
+        )
+
+    @torch.no_grad()
+    def log_prob_without_couplings(self, x: Tensor) -> Tensor:
+        """The flow's log-density of each row of ``x`` where :meth:`couplings_are_identity`
+        holds: the fixed layers before the couplings and the base, without the conditioners'
+        arithmetic (an initial score at a third of a training pass's cost or less)."""
+        log_det = 0.0
+        for layer in self.prefix:
+            x, ld = layer(x)
+            log_det = log_det + ld
+        return self.flow.base_log_prob(x) + log_det
+
     def _ensure_grads(self) -> None:
         # The gradients are written in place (``out=``) into buffers kept between steps. The
         # buffers checked last time are usually still there: an identity check of each (a

@@ -254,6 +254,17 @@ def _validation_score(module, x, w) -> float:
     return float(_weighted_mean(evaluate_log_prob(module, x), w))
 
 
+def _initial_score(module, manual, x, w) -> float:
+    """:func:`_validation_score` of the weights training starts from; for a fresh flow (every
+    coupling still the identity) through its fixed layers and base only: the same numbers
+    without the conditioners' work."""
+    if manual is None or not manual.couplings_are_identity():
+        return _validation_score(module, x, w)
+    with torch.inference_mode():
+        parts = [manual.log_prob_without_couplings(x[s]) for s in batch_slices(len(x), 65536, 1)]
+    return float(_weighted_mean(torch.cat(parts), w))
+
+
 def _keep_better_on_training_data(
     module, candidate, x, w, snapshots=None, candidate_score=None
 ) -> bool:
@@ -359,14 +370,14 @@ def fit_flow(
     best_state = snapshots.take()
     snapshots.keep(best_state)
     if monitor_valid:
-        result.best_score = _validation_score(module, x_valid, w_valid)
+        result.best_score = _initial_score(module, manual, x_valid, w_valid)
     elif keep_better and transform_batch is None and not exact_epoch_loss:
         # Without validation rows the initial weights compete on their exact training loss
         # (an epoch's loss is measured while its steps change the weights, so the first
         # epoch's loss does not stand for the initial weights): a learning rate that ruins
         # the first step, after which the loss only falls, would otherwise keep the ruin.
         # (Batches transformed in training, e.g. noisy, are not scored like the raw rows.)
-        result.best_score = _validation_score(module, x_train, w_train)
+        result.best_score = _initial_score(module, manual, x_train, w_train)
     if not math.isfinite(result.best_score):
         result.best_score = -math.inf
     no_improvement = 0

@@ -243,3 +243,32 @@ def test_block_masks_keep_the_halves_apart_with_the_same_gradients(d, n_componen
 def test_masks_that_gather_use_the_split_and_join_path():
     flow = _flow(6, 3, (5,), "relu", "checkerboard", False, 0)
     assert manual_gradient(flow).boundary is None
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+@pytest.mark.parametrize("n_components", [0, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_fresh_flow_is_scored_without_its_couplings(whiten, n_components, weighted):
+    # A fresh flow's couplings are the identity (zero last layers): its initial score goes
+    # through the fixed layers and the base only, and must equal the full pass's.
+    from sknvp._training import _initial_score, _validation_score
+
+    torch.manual_seed(0)
+    d = 5
+    gen = torch.Generator().manual_seed(0)
+    flow = build_realnvp(
+        d, 4, (8, 8), "relu", "alternating", loc=torch.randn(d, dtype=torch.float64),
+        scale=torch.rand(d, dtype=torch.float64) + 0.5, generator=gen,
+        whitening=torch.eye(d, dtype=torch.float64) * 1.3 if whiten else None,
+        base=random_mixture(n_components, d, 0) if n_components else None,
+    ).double()
+    manual = manual_gradient(flow)
+    assert manual.couplings_are_identity()
+    x = torch.randn(50, d, generator=gen, dtype=torch.float64) * 2
+    w = torch.rand(50, generator=gen, dtype=torch.float64) if weighted else None
+    full = _validation_score(flow, x, w)
+    assert _initial_score(flow, manual, x, w) == pytest.approx(full, rel=1e-14, abs=1e-14)
+    randomize_(flow, 1, scale=0.3)  # trained couplings: the full pass again
+    assert not manual.couplings_are_identity()
+    assert _initial_score(flow, manual, x, w) == _validation_score(flow, x, w)
+    assert _validation_score(flow, x, w) != pytest.approx(full)

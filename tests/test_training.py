@@ -253,10 +253,11 @@ def _count_scoring_passes(monkeypatch):
     from sknvp import _training
 
     calls = []
-    real = _training._validation_score
-    monkeypatch.setattr(
-        _training, "_validation_score", lambda *a: calls.append(1) or real(*a)
-    )
+    for name in ("_validation_score", "_initial_score"):
+        real = getattr(_training, name)
+        monkeypatch.setattr(
+            _training, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
     return calls
 
 
@@ -291,7 +292,8 @@ def test_several_batches_still_score_the_initial_and_kept_weights(monkeypatch):
     calls = _count_scoring_passes(monkeypatch)
     fit_flow(_vector_flow(), x, max_iter=3, batch_size=32,
              generator=torch.Generator().manual_seed(0))
-    assert len(calls) == 3  # initial weights, then the final and the kept candidate
+    # initial weights, then the final and the kept candidate
+    assert calls == ["_initial_score", "_validation_score", "_validation_score"]
 
 
 def evaluate(flow, x):
