@@ -128,7 +128,21 @@ def tanh_(x: Tensor) -> Tensor:
     """
     if x.device.type != "cpu":
         return x.tanh_()
-    return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+    two, one = _cpu_constants(x.dtype)
+    return x.mul_(two).sigmoid_().mul_(two).sub_(one)
+
+
+_CONSTANTS: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+
+
+def _cpu_constants(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    # 2 and 1 as 0-d CPU tensors of x's dtype: a Python float is wrapped as a float64 tensor
+    # and converted on every in-place call, a third of the sigmoid form's time at 512 x 32
+    # float32 (68 against 50 us). The same numbers: 2x and y - 1 round alike either way.
+    pair = _CONSTANTS.get(dtype)
+    if pair is None:
+        pair = _CONSTANTS[dtype] = (torch.tensor(2.0, dtype=dtype), torch.tensor(1.0, dtype=dtype))
+    return pair
 
 
 # In-place forms of the registry's activations, used by MLP when autograd is off. The input

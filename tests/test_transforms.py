@@ -249,6 +249,10 @@ def test_inference_tanh_is_tanh_to_rounding_and_in_place(dtype):
     torch.testing.assert_close(out, torch.tanh(x), rtol=0, atol=2 * eps)
     assert out.abs().max() <= 1 and torch.equal(out[x == 0], torch.zeros_like(out[x == 0]))
     assert torch.isnan(tanh_(torch.tensor([float("nan")], dtype=dtype))).all()
+    # the 0-d constants it multiplies by give the bits of Python floats
+    torch.testing.assert_close(
+        tanh_(x.clone()), x.clone().mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("masked", [False, True])
