@@ -714,6 +714,7 @@ def run_benchmark(
                 results["merged_runs"][-1]["cells"].append(f"{name} on {ds.label}")
             path.write_text(json.dumps(results, indent=1))
     env["load_avg_end"] = _loadavg()
+    _order_sets(results)
     path.write_text(json.dumps(results, indent=1))
     return results
 
@@ -1163,7 +1164,15 @@ def write_block(
     doc.write_text(text)
 
 
+def _order_sets(results) -> None:
+    """Put the sets in the order of DATASETS (a --merge of some sets appends them)."""
+    order = list(DATASETS)
+    rank = {k: order.index(k) if k in order else len(order) for k in results["sets"]}
+    results["sets"] = {k: results["sets"][k] for k in sorted(results["sets"], key=rank.get)}
+
+
 def report(results, out_dir: Path, doc: Path | None) -> str:
+    _order_sets(results)
     png = out_dir / "benchmarks.png"
     plot(results, png)
     (out_dir / "results.md").write_text(render_markdown(results, png.name))
