@@ -325,7 +325,9 @@ def fit_flow(
     learning rate is multiplied by ``plateau_factor`` and the count starts again
     (``plateau_factor=1`` turns this off: the first plateau stops). With ``x_valid`` the
     weights of the best validation epoch are restored at the end; without, the final weights
-    are kept unless those of the best training epoch fit the training data better.
+    are kept unless those of the best training epoch fit the training data better (when one
+    untransformed batch holds every training row, an epoch's loss is the exact training score
+    of the weights it started from and no separate pass measures them).
     A batch whose loss is not finite is skipped; an epoch that leaves non-finite weights or
     loss ends training with the best finite weights restored (``diverged``). A
     ``KeyboardInterrupt`` also restores the best weights (``interrupted``).
