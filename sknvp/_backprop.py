@@ -53,7 +53,7 @@ from torch.nn.modules import module as _torch_module
 
 from .flows import RealNVPFlow
 from .mixture import GaussianMixtureBase, standardized_residuals
-from .nets import MLP, tanh_
+from .nets import MLP, constant_like, tanh_
 from .transforms import SplitAffineCoupling, Standardize, TriangularWhitening
 
 __all__ = ["ManualGradient", "manual_gradient"]
@@ -144,7 +144,6 @@ class _Coupling:
         self.split, self.join = layer._split, layer._join
         self.inv_bound = 1.0 / layer.scale_bound
         self.bound = layer.scale_bound
-        self._bound_tensors: dict = {}
         self.d_free = layer._free_idx.numel()
         self.weights = [lin.weight for lin, _ in layers]
         self.biases = [lin.bias for lin, _ in layers]
@@ -160,19 +159,6 @@ class _Coupling:
         n, k = layer.mask.numel(), layer._n_kept
         self.kept_left = layer._layout == "kept_first"
         self.boundary = {"kept_first": k, "kept_last": n - k}.get(layer._layout)
-
-    def _bounds(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        # The scale bound and its inverse as 0-d tensors of the activations' dtype: a Python
-        # float is wrapped as a float64 tensor and converted on every call (7 against 3 us
-        # for a small float32 multiply).
-        key = (like.dtype, like.device)
-        pair = self._bound_tensors.get(key)
-        if pair is None:
-            pair = self._bound_tensors[key] = tuple(
-                torch.tensor(v, dtype=like.dtype, device=like.device)
-                for v in (self.inv_bound, self.bound)
-            )
-        return pair
 
     def forward_parts(self, x_kept: Tensor, x_free: Tensor):
         """``(y_free, s, cache)``: the transformed part (the kept part passes unchanged)."""
@@ -190,7 +176,8 @@ class _Coupling:
                 inputs.append(h)
                 saved.append(keep)
         d = self.d_free
-        inv_bound, bound = self._bounds(h)
+        # 0-d tensors of h's dtype: Python floats would be converted on every call
+        inv_bound, bound = constant_like(self.inv_bound, h), constant_like(self.bound, h)
         th = h[:, :d] * inv_bound
         # torch's CPU tanh is not vectorised (44 us on 512 x 32 float32 against 8 for sigmoid);
         # the sigmoid form's extra operations cost more than they save on small tensors.
@@ -301,11 +288,17 @@ class ManualGradient:
         """The flow's log-density of each row of ``x`` where :meth:`couplings_are_identity`
         holds: the fixed layers before the couplings and the base, without the conditioners'
         arithmetic (an initial score at a third of a training pass's cost or less)."""
+        x, log_det = self._through_prefix(x)
+        return self.flow.base_log_prob(x) + log_det
+
+    def _through_prefix(self, x: Tensor) -> tuple[Tensor, Tensor | float]:
+        """The fixed layers before the couplings: their output and summed log-determinant
+        (per row; 0.0 without any)."""
         log_det = 0.0
         for layer in self.prefix:
             x, ld = layer(x)
             log_det = log_det + ld
-        return self.flow.base_log_prob(x) + log_det
+        return x, log_det
 
     def _ensure_grads(self) -> None:
         # The gradients are written in place (``out=``) into buffers kept between steps. The
@@ -325,10 +318,8 @@ class ManualGradient:
         gradient (overwritten, not accumulated). Returns the loss as a 0-d tensor."""
         self._ensure_grads()
         n = x.shape[0]
-        const = 0.0
-        for layer in self.prefix:
-            x, ld = layer(x)
-            const = const + ld[0]
+        x, log_det = self._through_prefix(x)
+        const = log_det[0] if self.prefix else 0.0  # the fixed layers' log-det is constant
         b = self.boundary
         if b is None:
             z, s_total, caches = self._forward(x, w)

@@ -46,15 +46,19 @@ def batch_slices(n: int, batch_size: int, min_size: int = 2) -> list[slice]:
 
 
 @torch.inference_mode()
+def _in_batches(log_prob: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
+    parts = [log_prob(x[s]) for s in batch_slices(len(x), batch_size, 1)]
+    return torch.cat(parts) if parts else x.new_zeros(0)
+
+
 def evaluate_log_prob(module: nn.Module, x: Tensor, batch_size: int = 65536) -> Tensor:
     """``module.log_prob`` in evaluation mode, in batches of at most ``batch_size`` rows."""
     was_training = module.training
     module.eval()
     try:
-        parts = [module.log_prob(x[s]) for s in batch_slices(len(x), batch_size, 1)]
+        return _in_batches(module.log_prob, x, batch_size)
     finally:
         module.train(was_training)
-    return torch.cat(parts) if parts else x.new_zeros(0)
 
 
 def make_adam(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -260,9 +264,7 @@ def _initial_score(module, manual, x, w) -> float:
     without the conditioners' work."""
     if manual is None or not manual.couplings_are_identity():
         return _validation_score(module, x, w)
-    with torch.inference_mode():
-        parts = [manual.log_prob_without_couplings(x[s]) for s in batch_slices(len(x), 65536, 1)]
-    return float(_weighted_mean(torch.cat(parts), w))
+    return float(_weighted_mean(_in_batches(manual.log_prob_without_couplings, x, 65536), w))
 
 
 def _keep_better_on_training_data(
