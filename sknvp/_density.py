@@ -31,6 +31,7 @@ from ._compat import (
 from ._training import fit_flow, fresh_noise_adder, make_adam
 from ._utils import TORCH_DTYPES, cast_module, derive_seed, map_batches, resolve_device
 from .em import (
+    choose_shrinkage,
     data_reg_covar,
     fit_gaussian_mixture,
     max_mixture_size,
@@ -241,7 +242,11 @@ class RealNVPDensity(
         ``n_features + 1`` training rows) and keeps the one with the best log-likelihood on
         the validation rows (by BIC without ``early_stopping``), stopping after three sizes
         in a row without a better one once it has tried twice the best size
-        (:func:`sknvp.em.select_gaussian_mixture`). EM sees at
+        (:func:`sknvp.em.select_gaussian_mixture`). Either way the covariances are then
+        shrunk towards multiples of the identity as far as held-out rows favour (the
+        validation rows, and folds of the training rows when there are at most 2,000 or no
+        validation rows; :func:`sknvp.em.choose_shrinkage`), so that few rows in many
+        dimensions do not leave a near-singular covariance. EM sees at
         most 20,000 training rows (fewer with many features: rows x features\ :sup:`2` at
         most 5e7, but at least 2,000 rows), subsampled with the seed, and honours
         ``sample_weight``. Ignored with ``base="normal"``.
@@ -540,11 +545,11 @@ class RealNVPDensity(
         weights = torch.as_tensor(sample_weight[rows], dtype=torch.float64)
         generator = torch.Generator().manual_seed(seed)
         reg_covar = data_reg_covar(U, weights)
+        U_valid = w_valid = None
+        if valid is not None:
+            U_valid = mapped(valid[0])
+            w_valid = torch.as_tensor(valid[1], dtype=torch.float64)
         if self.n_components == "auto":
-            U_valid = w_valid = None
-            if valid is not None:
-                U_valid = mapped(valid[0])
-                w_valid = torch.as_tensor(valid[1], dtype=torch.float64)
             fit = select_gaussian_mixture(
                 U, weights=weights, x_valid=U_valid, w_valid=w_valid, generator=generator,
                 reg_covar=reg_covar,
@@ -559,14 +564,19 @@ class RealNVPDensity(
                 warnings.warn(
                     f"n_components={self.n_components} leaves fewer than n_features + 1 = "
                     f"{d + 1} training rows per component ({len(rows)} rows): covariances "
-                    "this poorly determined give a density that spikes on a few rows and "
-                    "scores new rows very low. Pass fewer components or n_components='auto'.",
+                    "this poorly determined are left mostly to their shrinkage towards the "
+                    "identity, and fewer components usually score new rows higher. Pass "
+                    "fewer components or n_components='auto'.",
                     UserWarning,
                     stacklevel=5,
                 )
             fit = fit_gaussian_mixture(
                 U, self.n_components, weights=weights, generator=generator, reg_covar=reg_covar
             )
+        fit = choose_shrinkage(
+            fit, U, weights=weights, x_valid=U_valid, w_valid=w_valid, generator=generator,
+            reg_covar=reg_covar,
+        )
         return GaussianMixtureBase(fit.weights, fit.means, fit.precisions_cholesky).double()
 
     def _split(self, n: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,7 @@
 """The Gaussian-mixture base (sknvp.mixture) and its EM start (sknvp.em)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -353,3 +355,96 @@ def test_regularisation_shrinks_only_below_a_hundredth_of_the_least_variance():
     flat = torch.as_tensor(np.c_[b, b.sum(1)])  # 5 features: 12 rows are enough, 11 not
     assert em.data_reg_covar(flat) == 1e-12
     assert em.data_reg_covar(flat[:11]) == 1e-6
+
+
+# ------------------------------------------------------------------- covariance shrinkage
+
+
+def _few_rows_many_features(n, d=20, seed=0):
+    rng = np.random.RandomState(seed)
+    mixing = rng.standard_normal((d, d)) / np.sqrt(d)
+    return rng.standard_normal((n, d)) @ mixing, rng.standard_normal((4000, d)) @ mixing
+
+
+def test_shrinking_moves_each_covariance_towards_its_mean_eigenvalue_and_rescores():
+    X, _ = _clusters(300)
+    x = torch.as_tensor(X)
+    fit = fit_gaussian_mixture(x, 3, generator=torch.Generator().manual_seed(0))
+    prec = fit.precisions_cholesky.numpy()
+    cov = np.linalg.inv(prec @ prec.transpose(0, 2, 1))
+    np.testing.assert_allclose(fit.covariances.numpy(), cov, rtol=1e-9)
+    assert em.shrink_covariances(fit, 0.0, x).precisions_cholesky is fit.precisions_cholesky
+    for rho in (0.3, 1.0):
+        shrunk = em.shrink_covariances(fit, rho, x)
+        target = np.trace(cov, axis1=1, axis2=2)[:, None, None] / 2 * np.eye(2)
+        expected = (1 - rho) * cov + rho * target
+        p = shrunk.precisions_cholesky.numpy()
+        np.testing.assert_allclose(np.linalg.inv(p @ p.transpose(0, 2, 1)), expected, rtol=1e-9)
+        assert shrunk.shrinkage == rho
+        assert shrunk.log_likelihood == pytest.approx(float(em.log_likelihoods(shrunk, x).mean()))
+        assert shrunk.log_likelihood < fit.log_likelihood  # EM's covariances fit x best
+        assert shrunk.bic == pytest.approx(fit.bic - 2 * len(X) * (shrunk.log_likelihood
+                                                                    - fit.log_likelihood))
+    with pytest.raises(ValueError, match="rho"):
+        em.shrink_covariances(fit, 1.5, x)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_plentiful_rows_keep_the_covariances_em_found(validation):
+    # Elongated clusters of 600 rows in 2-D: any shrinkage widens their thin direction.
+    X, _ = _clusters(900)
+    x, x_valid = torch.as_tensor(X[:600]), torch.as_tensor(X[600:])
+    gen = torch.Generator().manual_seed(0)
+    fit = fit_gaussian_mixture(x, 3, generator=gen)
+    chosen = em.choose_shrinkage(
+        fit, x, x_valid=x_valid if validation else None, generator=gen, max_cv_rows=0
+    )
+    assert chosen.shrinkage == 0.0
+    assert torch.equal(chosen.precisions_cholesky, fit.precisions_cholesky)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_few_rows_in_many_dimensions_get_shrunk_covariances(validation):
+    # 27 rows in 20-D: EM's covariance is nearly singular and new rows score tens of nats
+    # below the shrunk one's (with fewer rows than features, millions of nats below).
+    X, X_new = _few_rows_many_features(30)
+    x, x_new = torch.as_tensor(X[:27]), torch.as_tensor(X_new)
+    x_valid = torch.as_tensor(X[27:]) if validation else None
+    gen = torch.Generator().manual_seed(0)
+    fit = fit_gaussian_mixture(x, 1, generator=gen)
+    chosen = em.choose_shrinkage(fit, x, x_valid=x_valid, generator=gen)
+    assert chosen.shrinkage >= 0.1
+    gain = float(em.log_likelihoods(chosen, x_new).mean() - em.log_likelihoods(fit, x_new).mean())
+    assert gain > 10.0
+
+
+def test_rows_scored_at_minus_infinity_rank_a_shrinkage_last(monkeypatch):
+    # A held-out row at -inf (or NaN) under the unshrunk covariances must rank them last, not
+    # make the standard error infinite (which would keep the first, unshrunk candidate).
+    X, _ = _clusters(900)
+    x, x_valid = torch.as_tensor(X[:600]), torch.as_tensor(X[600:])
+    fit = fit_gaussian_mixture(x, 3, generator=torch.Generator().manual_seed(0))
+    original = em._row_log_likelihoods
+
+    def spiked(rows, log_w, means, prec):
+        out = original(rows, log_w, means, prec)
+        if rows.shape[0] == 300 and torch.allclose(prec, fit.precisions_cholesky):
+            out[:2] = torch.tensor([-math.inf, math.nan], dtype=out.dtype)
+        return out
+
+    monkeypatch.setattr(em, "_row_log_likelihoods", spiked)
+    chosen = em.choose_shrinkage(fit, x, x_valid=x_valid, max_cv_rows=0)
+    assert chosen.shrinkage == em.SHRINKAGE_GRID[1]
+
+
+def test_cross_validation_honours_row_weights():
+    X, _ = _few_rows_many_features(40)
+    w = np.ones(40)
+    w[::4] = 0.0  # rows of weight 0 never count, in any fold
+    x = torch.as_tensor(X)
+    gen = torch.Generator().manual_seed(0)
+    fit = fit_gaussian_mixture(x, 1, weights=torch.as_tensor(w), generator=gen)
+    chosen = em.choose_shrinkage(fit, x, weights=torch.as_tensor(w), generator=gen)
+    assert 0.0 < chosen.shrinkage < 1.0
+    kept = em.log_likelihoods(chosen, x)[w > 0].mean()
+    assert chosen.log_likelihood == pytest.approx(float(kept))
