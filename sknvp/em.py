@@ -50,7 +50,7 @@ class MixtureFit:
     """A fitted mixture: ``weights`` (K,), ``means`` (K, D), ``precisions_cholesky`` (K, D, D)
     (upper-triangular, :math:`\\Sigma_k^{-1} = P_k P_k^\\top`), the weighted mean
     log-likelihood of the rows it was fitted to, its BIC on them, EM iterations run, whether
-    EM converged, the covariances (K, D, D) and the shrinkage :math:`\rho` applied to them
+    EM converged, the covariances (K, D, D) and the shrinkage :math:`\\rho` applied to them
     (:func:`shrink_covariances`)."""
 
     weights: Tensor
