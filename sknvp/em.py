@@ -450,7 +450,10 @@ def choose_shrinkage(
     there are no validation rows or ``x`` has at most ``max_cv_rows`` rows, every row of
     ``x`` in turn, scored by a mixture of the same size fitted by EM to the other folds
     (``n_folds``-fold cross-validation, at most one fold per row of positive weight; other
-    keyword arguments go to :func:`fit_gaussian_mixture`). A few validation rows cannot tell
+    keyword arguments go to :func:`fit_gaussian_mixture`). With nothing to hold out (no
+    validation rows and fewer than three rows) the covariances are kept where the rows
+    outnumber the features, and replaced by their mean eigenvalue times the identity
+    (``rho = 1``) where they do not. A few validation rows cannot tell
     a covariance fitted to 27 rows in 20 dimensions from a shrunk one (on 3 rows the one
     standard error rule kept no shrinkage, 42 nats per test row below the 0.3 that
     cross-validation chose); on many rows the folds' EM fits cost more than they tell. The
@@ -466,15 +469,18 @@ def choose_shrinkage(
             for r in grid
         ]
         w = _normalised_weights(x_valid, w_valid)
+    w_train = _normalised_weights(x, weights)
+    n_rows = int((w_train > 0).sum())
     if x_valid is None or x.shape[0] <= max_cv_rows:
-        w_train = _normalised_weights(x, weights)
-        folds = min(n_folds, int((w_train > 0).sum()))
-        if folds >= 2:
+        folds = min(n_folds, n_rows)
+        if n_rows >= 3:  # every fold then leaves at least two rows to fit
             cv = _fold_scores(fit, x, w_train, generator, folds, grid, kwargs)
             scores = [torch.cat([s, c]) for s, c in zip(scores, cv, strict=True)]
             w = torch.cat([w, w_train])
     if w.shape[0] == 0:
-        return shrink_covariances(fit, 0.0, x, weights)
+        # Nothing to hold out (two rows): no more rows than features leave a covariance
+        # singular, whose spike no held-out row would have chosen.
+        return shrink_covariances(fit, 0.0 if n_rows > x.shape[1] else 1.0, x, weights)
     # A spike can score -inf or NaN on a held-out row: rank such a shrinkage last (a finite
     # floor whose square does not overflow the standard error).
     scores = [torch.nan_to_num(s, nan=-1e100, neginf=-1e100).clamp_min(-1e100) for s in scores]

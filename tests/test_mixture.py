@@ -448,3 +448,16 @@ def test_cross_validation_honours_row_weights():
     assert 0.0 < chosen.shrinkage < 1.0
     kept = em.log_likelihoods(chosen, x)[w > 0].mean()
     assert chosen.log_likelihood == pytest.approx(float(kept))
+
+
+def test_two_rows_in_more_dimensions_get_an_isotropic_covariance():
+    # Regression: with no validation rows, two rows left folds of one row each, whose
+    # covariances are reg_covar alone, so every shrinkage scored alike and none was chosen:
+    # a row 0.5 off the two scored -1.7e6 nats (RealNVPDensity, early_stopping=False).
+    x = torch.as_tensor(np.random.RandomState(0).standard_normal((2, 3)))
+    fit = fit_gaussian_mixture(x, 1)
+    chosen = em.choose_shrinkage(fit, x)
+    assert chosen.shrinkage == 1.0
+    assert float(em.log_likelihoods(chosen, x + 0.5).min()) > -20.0
+    wide = torch.as_tensor(np.random.RandomState(0).standard_normal((2, 1)))
+    assert em.choose_shrinkage(fit_gaussian_mixture(wide, 1), wide).shrinkage == 0.0
