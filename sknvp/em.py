@@ -450,16 +450,17 @@ def choose_shrinkage(
     there are no validation rows or ``x`` has at most ``max_cv_rows`` rows, every row of
     ``x`` in turn, scored by a mixture of the same size fitted by EM to the other folds
     (``n_folds``-fold cross-validation, at most one fold per row of positive weight; other
-    keyword arguments go to :func:`fit_gaussian_mixture`). With nothing to hold out (no
-    validation rows and fewer than three rows) the covariances are kept where the rows
-    outnumber the features, and replaced by their mean eigenvalue times the identity
-    (``rho = 1``) where they do not. A few validation rows cannot tell
-    a covariance fitted to 27 rows in 20 dimensions from a shrunk one (on 3 rows the one
-    standard error rule kept no shrinkage, 42 nats per test row below the 0.3 that
+    keyword arguments go to :func:`fit_gaussian_mixture`). A few validation rows cannot
+    tell a covariance fitted to 27 rows in 20 dimensions from a shrunk one (on 3 rows the
+    one standard error rule kept no shrinkage, 42 nats per test row below the 0.3 that
     cross-validation chose); on many rows the folds' EM fits cost more than they tell. The
     least shrinkage within one standard error of the best mean log-likelihood is kept
     (:func:`select_gaussian_mixture`'s rule), so plentiful rows keep the maximum-likelihood
     covariances unless shrinking them is clearly better.
+
+    With nothing to hold out (no validation rows and fewer than three rows) the covariances
+    are kept where the rows outnumber the features, and replaced by their mean eigenvalue
+    times the identity (``rho = 1``) where they do not.
     """
     scores, w = [x.new_empty(0) for _ in grid], x.new_empty(0)
     if x_valid is not None:
