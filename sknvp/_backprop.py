@@ -155,10 +155,10 @@ class _Coupling:
             for _, act in layers
         ]
         self.single_input = layers[0][0].in_features == 1
-        # Block layouts split at one column: the kept block left of it or right of it.
-        n, k = layer.mask.numel(), layer._n_kept
-        self.kept_left = layer._layout == "kept_first"
-        self.boundary = {"kept_first": k, "kept_last": n - k}.get(layer._layout)
+        # The kept and the transformed features, each in index order (as the layer splits).
+        self.kept_idx, self.free_idx = layer._kept_idx, layer._free_idx
+        # Whether this coupling keeps the left part of its run (set by _runs).
+        self.kept_left = False
 
     def forward_parts(self, x_kept: Tensor, x_free: Tensor):
         """``(y_free, s, cache)``: the transformed part (the kept part passes unchanged)."""
@@ -271,10 +271,11 @@ class ManualGradient:
         self.base = base
         self.params = list(flow.parameters())
         self._checked_grads: list = [_UNCHECKED] * len(self.params)
-        # The column every coupling splits at, where all split at the same one (block masks:
-        # "alternating"); None where any coupling gathers its features or splits elsewhere.
-        bounds = {c.boundary for c in couplings}
-        self.boundary = bounds.pop() if len(bounds) == 1 else None
+        # Consecutive couplings that split into the same two index sets form a run (masks
+        # "alternating" and "checkerboard": one run; "permuted": one per pair of couplings);
+        # each run splits its input once and joins once, its couplings work on the two
+        # parts (see _forward_runs). None: every coupling splits and joins (the reference).
+        self.runs: list[_Run] | None = _runs(couplings)
 
     def couplings_are_identity(self) -> bool:
         """Whether every coupling's conditioner ends in a zero layer (as a fresh flow's do):
@@ -320,11 +321,10 @@ class ManualGradient:
         n = x.shape[0]
         x, log_det = self._through_prefix(x)
         const = log_det[0] if self.prefix else 0.0  # the fixed layers' log-det is constant
-        b = self.boundary
-        if b is None:
+        if self.runs is None:
             z, s_total, caches = self._forward(x, w)
         else:
-            z, s_total, caches = self._forward_halves(x[:, :b], x[:, b:], w)
+            z, s_total, caches = self._forward_runs(x, w)
         if self.base is not None:
             w_col = z.new_full((1, 1), 1.0 / n) if w is None else (w / w.sum()).reshape(n, 1)
             loss, g = self.base.loss_and_grad(z, w_col)
@@ -342,11 +342,11 @@ class ManualGradient:
             loss = torch.dot(per_row, w_col.reshape(-1)) + 0.5 * z.shape[1] * _LOG_2PI - const
             g = z * w_col
         neg_w = -w_col
-        if b is None:
+        if self.runs is None:
             for i in range(len(self.couplings) - 1, -1, -1):
                 g = self.couplings[i].backward(g, neg_w, caches[i], need_input_grad=i > 0)
         else:
-            self._backward_halves(g[:, :b], g[:, b:], neg_w, caches)
+            self._backward_runs(g, neg_w, caches)
         return loss
 
     def _forward(self, x: Tensor, w: Tensor | None):
@@ -358,32 +358,82 @@ class ManualGradient:
             s_total = s_sum if s_total is None else s_total + s_sum
         return x, s_total, caches
 
-    def _forward_halves(self, left: Tensor, right: Tensor, w: Tensor | None):
-        # Every coupling keeps one of the same two blocks of features, so the blocks stay
-        # apart until the base density: no split and no join per coupling (about a sixth of
-        # a coupling's operations, each a few microseconds at these sizes).
+    def _forward_runs(self, x: Tensor, w: Tensor | None):
+        # Within a run the two parts stay apart: no split and no join per coupling (about a
+        # sixth of a coupling's operations, each a few microseconds at these sizes).
         caches, s_total = [], None
-        for c in self.couplings:
-            if c.kept_left:
-                right, s, cache = c.forward_parts(left, right)
-            else:
-                left, s, cache = c.forward_parts(right, left)
-            caches.append(cache)
-            s_sum = s.sum(1) if w is not None else s.sum()
-            s_total = s_sum if s_total is None else s_total + s_sum
-        return torch.cat([left, right], dim=1), s_total, caches
+        for run in self.runs:
+            left, right = run.split(x)
+            for c in self.couplings[run.start:run.stop]:
+                if c.kept_left:
+                    right, s, cache = c.forward_parts(left, right)
+                else:
+                    left, s, cache = c.forward_parts(right, left)
+                caches.append(cache)
+                s_sum = s.sum(1) if w is not None else s.sum()
+                s_total = s_sum if s_total is None else s_total + s_sum
+            x = run.join(left, right)
+        return x, s_total, caches
 
-    def _backward_halves(self, g_left: Tensor, g_right: Tensor, neg_w: Tensor, caches) -> None:
-        for i in range(len(self.couplings) - 1, -1, -1):
-            c, need = self.couplings[i], i > 0
-            if c.kept_left:
-                grads = c.backward_parts(g_left, g_right, neg_w, caches[i], need)
-                if grads is not None:
-                    g_left, g_right = grads
-            else:
-                grads = c.backward_parts(g_right, g_left, neg_w, caches[i], need)
-                if grads is not None:
-                    g_right, g_left = grads
+    def _backward_runs(self, g: Tensor, neg_w: Tensor, caches) -> None:
+        for run in reversed(self.runs):
+            g_left, g_right = run.split(g)
+            for i in range(run.stop - 1, run.start - 1, -1):
+                c, need = self.couplings[i], i > 0
+                if c.kept_left:
+                    grads = c.backward_parts(g_left, g_right, neg_w, caches[i], need)
+                    if grads is not None:
+                        g_left, g_right = grads
+                else:
+                    grads = c.backward_parts(g_right, g_left, neg_w, caches[i], need)
+                    if grads is not None:
+                        g_right, g_left = grads
+            if run.start > 0:
+                g = run.join(g_left, g_right)
+
+
+class _Run:
+    """Couplings ``start:stop`` that all keep one of the same two complementary index sets:
+    ``left`` (the one holding the lowest feature) and ``right``, each in index order."""
+
+    def __init__(self, start: int, stop: int, left: Tensor, right: Tensor) -> None:
+        self.start, self.stop = start, stop
+        self.left, self.right = left, right
+        # Blocks (the left one first) split at a column: slices. Else one gather per part.
+        block = torch.equal(left, torch.arange(len(left), device=left.device))
+        self.boundary = len(left) if block else None
+        self._unsplit = None if block else torch.argsort(torch.cat([left, right]))
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b = self.boundary
+        if b is not None:
+            return x[:, :b], x[:, b:]
+        return x.index_select(1, self.left), x.index_select(1, self.right)
+
+    def join(self, left: Tensor, right: Tensor) -> Tensor:
+        joined = torch.cat([left, right], dim=1)
+        return joined if self._unsplit is None else joined.index_select(1, self._unsplit)
+
+
+def _runs(couplings: list[_Coupling]) -> list[_Run]:
+    """The maximal runs of consecutive couplings that split into the same two index sets;
+    sets each coupling's ``kept_left``."""
+    runs: list[_Run] = []
+    for i, c in enumerate(couplings):
+        run = runs[-1] if runs else None
+        same = run is not None and (
+            torch.equal(c.kept_idx, run.left) and torch.equal(c.free_idx, run.right)
+            or torch.equal(c.kept_idx, run.right) and torch.equal(c.free_idx, run.left)
+        )
+        if same:
+            run.stop = i + 1
+        else:
+            left, right = c.kept_idx, c.free_idx
+            if int(right[0]) < int(left[0]):
+                left, right = right, left
+            runs.append(_Run(i, i + 1, left, right))
+        c.kept_left = torch.equal(c.kept_idx, runs[-1].left)
+    return runs
 
 
 _LOG_2PI = math.log(2 * math.pi)

@@ -216,33 +216,40 @@ def test_a_batch_with_a_non_finite_loss_is_skipped_with_either_gradient(backprop
 
 @pytest.mark.parametrize("d", [2, 5, 8])
 @pytest.mark.parametrize("n_components", [0, 2])
-def test_block_masks_keep_the_halves_apart_with_the_same_gradients(d, n_components):
-    # "alternating" masks split every coupling at one column, so the manual gradient keeps
-    # the two blocks apart through the couplings; the result must be the per-coupling
-    # split-and-join computation's, and autograd's.
-    flow = _flow(d, 4, (7, 6), "relu", "alternating", False, 3, n_components=n_components)
+@pytest.mark.parametrize("mask", ["alternating", "checkerboard", "permuted", "random"])
+def test_runs_of_couplings_keep_their_parts_apart_with_the_same_gradients(d, n_components, mask):
+    # Consecutive couplings that keep one of the same two index sets form a run, which the
+    # manual gradient splits once and joins once (slices for the halves' blocks, gathers for
+    # other sets); the result must be the per-coupling split-and-join computation's, and
+    # autograd's.
+    flow = _flow(d, 4, (7, 6), "relu", mask, False, 3, n_components=n_components)
     manual = manual_gradient(flow)
-    assert manual.boundary == (d + 1) // 2 or manual.boundary == d // 2
+    runs = manual.runs
+    assert [r.start for r in runs] == [0] + [r.stop for r in runs[:-1]] and runs[-1].stop == 4
+    for run in runs:
+        assert int(run.left[0]) < int(run.right[0])
+        assert sorted(torch.cat([run.left, run.right]).tolist()) == list(range(d))
+    if mask in ("alternating", "checkerboard") or (mask == "permuted" and d == 2):
+        assert len(runs) == 1
+        blocks = mask != "checkerboard" or d == 2
+        assert runs[0].boundary == (len(runs[0].left) if blocks else None)
+    elif mask == "permuted":
+        assert len(runs) == 2  # a new permutation for the second pair of couplings
     x = torch.randn(21, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     w = torch.rand(21, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for weights in (None, w):
         ref_loss, ref_grads = _autograd_loss_and_grads(flow, x, weights)
         loss = manual.loss_and_grad(x, weights)
-        halves = [p.grad.clone() for p in flow.parameters()]
-        manual.boundary = None  # the split-and-join path
+        parted = [p.grad.clone() for p in flow.parameters()]
+        manual.runs = None  # the split-and-join path
         joined_loss = manual.loss_and_grad(x, weights)
         joined = [p.grad.clone() for p in flow.parameters()]
-        manual.boundary = manual.couplings[0].boundary
+        manual.runs = runs
         assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=1e-12)
         assert torch.allclose(joined_loss, loss, rtol=1e-13, atol=1e-13)
-        for g, g_joined, ref in zip(halves, joined, ref_grads, strict=True):
+        for g, g_joined, ref in zip(parted, joined, ref_grads, strict=True):
             assert torch.allclose(g, ref, rtol=1e-9, atol=1e-12)
             assert torch.allclose(g, g_joined, rtol=1e-12, atol=1e-14)
-
-
-def test_masks_that_gather_use_the_split_and_join_path():
-    flow = _flow(6, 3, (5,), "relu", "checkerboard", False, 0)
-    assert manual_gradient(flow).boundary is None
 
 
 @pytest.mark.parametrize("whiten", [False, True])

@@ -418,3 +418,76 @@ def test_split_conditioners_start_at_the_scale_of_a_full_input_layer():
         bound = 1 / 30**0.5
         assert first.weight.abs().max() <= bound and first.weight.abs().max() > 0.9 * bound
         assert first.bias.abs().max() <= bound
+
+
+def _one_by_one(flow, x, inverse=False):
+    """The flow's map with every layer called on its own (the reference for the runs)."""
+    layers = list(flow.transform)
+    log_det = None
+    for layer in reversed(layers) if inverse else layers:
+        x, ld = layer.inverse(x) if inverse else layer(x)
+        log_det = ld if log_det is None else log_det + ld
+    return x, log_det
+
+
+@pytest.mark.parametrize("kind", ["alternating", "checkerboard", "permuted", "random"])
+@pytest.mark.parametrize("d", [2, 5, 8])
+def test_runs_of_couplings_compute_what_the_layers_compute_one_by_one(kind, d):
+    # FlowSequential applies consecutive couplings that split into the same two index sets
+    # to the two parts (one split and one join per run): the same numbers as layer by layer,
+    # forward and inverse, with and without autograd.
+    flow = _flow(d, 6, kind, "relu", False, 3)
+    runs = [item for item in flow.transform._plan() if type(item).__name__ == "_CouplingRun"]
+    expected_runs = {"alternating": 1, "checkerboard": 1, "permuted": 1 if d == 2 else 3}
+    if kind in expected_runs:
+        assert len(runs) == expected_runs[kind]
+        assert sum(len(r.layers) for r in runs) == 6
+    x = _inputs(d, 0, n=11)
+    for inverse in (False, True):
+        with torch.no_grad():
+            want = _one_by_one(flow, x, inverse)
+            got = flow.transform.inverse(x) if inverse else flow.transform(x)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+    xg = x.clone().requires_grad_(True)
+    flow.transform(xg)[1].sum().backward()
+    xr = x.clone().requires_grad_(True)
+    _one_by_one(flow, xr)[1].sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_runs_respect_hooks_and_are_rebuilt_after_changes():
+    flow = _flow(6, 4, "checkerboard", "relu", False, 0)
+    x = _inputs(6, 0)
+    seen = []
+    handle = flow.transform[2].register_forward_hook(lambda m, args, out: seen.append(m))
+    with torch.no_grad():
+        flow(x)
+    handle.remove()
+    assert seen == [flow.transform[2]]  # a hooked layer is called as a module
+    # Loading other masks re-derives the index buffers: the plan must follow them.
+    before = flow.transform._plan()
+    source = randomize_(build_realnvp(6, 4, (8, 8), mask="alternating").double(), 1)
+    assert before[1].boundary is None  # even/odd: gathers
+    plain = build_realnvp(6, 4, (8, 8), mask="checkerboard").double()
+    plain.load_state_dict(source.state_dict())  # halves now: one block split
+    run = next(i for i in plain.transform._plan() if type(i).__name__ == "_CouplingRun")
+    assert run.boundary == 3
+    with torch.no_grad():
+        for a, b in zip(plain(x), source(x), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_flow_sequential_pickles_and_copies_without_its_plan():
+    import copy
+    import pickle
+
+    flow = _flow(5, 4, "permuted", "relu", False, 2)
+    x = _inputs(5, 0)
+    with torch.no_grad():
+        want = flow(x)
+        assert "_plan_cache" in vars(flow.transform)
+        for other in (pickle.loads(pickle.dumps(flow)), copy.deepcopy(flow)):
+            assert "_plan_cache" not in vars(other.transform)
+            for a, b in zip(other(x), want, strict=True):
+                assert torch.equal(a, b)
