@@ -382,7 +382,9 @@ def matched_params(cfg: Config, seed: int) -> dict:
         MATCHED,
         max_iter=cfg.epochs,
         activation="relu",
-        mask="alternating",
+        # Even and odd features in turn, as nflows' SimpleRealNVP and zuko's RealNVP mask
+        # (normflows' example swaps halves); until 2026-12-06 the halves (see the docs).
+        mask="checkerboard",
         batch_norm=False,
         base="normal",  # the peers' flows have a standard normal base
         learning_rate="constant",

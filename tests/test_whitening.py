@@ -203,12 +203,14 @@ def test_permuted_mask_in_the_estimator_is_seeded_and_equals_alternating_in_2d(r
     assert torch.equal(torch.stack(masks), torch.stack(
         [m.mask for m in b.module_.modules() if hasattr(m, "mask")]))
     assert not torch.equal(torch.stack(masks[2:]), torch.stack(
-        [m.mask for m in RealNVPDensity(**kw).fit(X6).module_.modules() if hasattr(m, "mask")][2:]))
+        [m.mask for m in RealNVPDensity(**kw, mask="alternating").fit(X6).module_.modules()
+         if hasattr(m, "mask")][2:]))
     X2 = rng.normal(size=(200, 2))
     np.testing.assert_array_equal(
-        RealNVPDensity(**kw, mask="permuted").fit(X2).score_samples(X2),
-        RealNVPDensity(**kw).fit(X2).score_samples(X2),
+        RealNVPDensity(**kw).fit(X2).score_samples(X2),  # "permuted", the default
+        RealNVPDensity(**kw, mask="alternating").fit(X2).score_samples(X2),
     )
+    assert RealNVPDensity().mask == "permuted"
 
 
 def test_auto_warns_about_a_constant_feature_once(rng):
