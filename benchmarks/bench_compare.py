@@ -247,10 +247,10 @@ QUICK_SETS = ("moons", "breast_cancer")
 
 
 class SknvpMethod:
-    def __init__(self, params: dict):
+    def __init__(self, params: dict, make=None):
         from sknvp import RealNVPDensity
 
-        self.est = RealNVPDensity(**params)
+        self.est = (make or RealNVPDensity)(**params)
 
     def fit(self, X) -> dict:
         self.est.fit(X)
@@ -377,14 +377,50 @@ class PeerMethod:
         return self.est.sample(n, seed)
 
 
+def peer_masks(n_couplings: int, n_features: int) -> np.ndarray:
+    """The masks of nflows' ``SimpleRealNVP`` and zuko's ``RealNVP`` (``1`` = kept): the even
+    features kept by the first coupling, the odd ones by the next, in turn. (sknvp's
+    ``"checkerboard"`` keeps the odd ones first, as the paper's spatial checkerboard; in 2-D
+    these are ``"alternating"``'s masks.)"""
+    idx = np.arange(n_features)
+    return np.stack([idx % 2 == i % 2 for i in range(n_couplings)]).astype(np.int8)
+
+
+def matched_density(**params):
+    """``RealNVPDensity(**params)`` where ``mask="peers"`` stands for :func:`peer_masks` of the
+    data's width (the matched flow is built before the data are seen)."""
+    from sklearn.utils._param_validation import StrOptions
+
+    from sknvp import RealNVPDensity
+    from sknvp.masks import MASK_TYPES
+
+    class MatchedRealNVPDensity(RealNVPDensity):
+        _parameter_constraints = {
+            **RealNVPDensity._parameter_constraints,
+            "mask": [StrOptions({*MASK_TYPES, "peers"}), "array-like"],
+        }
+
+        def _check_params(self, n_features):
+            if not (isinstance(self.mask, str) and self.mask == "peers"):
+                return super()._check_params(n_features)
+            self.mask, named = peer_masks(self.n_couplings, n_features), self.mask
+            try:
+                return super()._check_params(n_features)
+            finally:
+                self.mask = named
+
+    return MatchedRealNVPDensity(**params)
+
+
 def matched_params(cfg: Config, seed: int) -> dict:
     return dict(
         MATCHED,
         max_iter=cfg.epochs,
         activation="relu",
-        # Even and odd features in turn, as nflows' SimpleRealNVP and zuko's RealNVP mask
-        # (normflows' example swaps halves); until 2026-12-06 the halves (see the docs).
-        mask="checkerboard",
+        # Even and odd features in turn, the even ones first, as nflows' SimpleRealNVP and
+        # zuko's RealNVP mask (normflows' example swaps halves); until 2026-12-06 the halves
+        # (the same masks in 2-D; see the docs). Build with matched_density().
+        mask="peers",
         batch_norm=False,
         base="normal",  # the peers' flows have a standard normal base
         learning_rate="constant",
@@ -404,7 +440,7 @@ def make_method(name: str, cfg: Config, seed: int):
             params["max_iter"] = cfg.defaults_max_iter
         return SknvpMethod(params)
     if name == SKNVP_MATCHED:
-        return SknvpMethod(matched_params(cfg, seed))
+        return SknvpMethod(matched_params(cfg, seed), matched_density)
     if name == KDE:
         return KDEMethod(cfg, seed)
     if name == GMM:
@@ -671,15 +707,17 @@ def run_benchmark(
 ) -> dict:
     path = out_dir / "results.json"
     results, old, env = _start_results(cfg, path, merge, threads)
-    results["sets"] = {k: v for k, v in old.items() if k not in sets}
+    # Every earlier set and cell stays until its rerun replaces it: the file is rewritten after
+    # each cell, and a run stopped half way must not lose the sets and cells it had not
+    # reached yet (it did: an interrupted --merge run left only the sets it had started).
+    results["sets"] = dict(old)
     methods = available_methods(methods)
     out_dir.mkdir(parents=True, exist_ok=True)
     warm_up(methods)
     for set_name in sets:
         ds = DATASETS[set_name](cfg)
-        kept = {
-            m: c for m, c in old.get(set_name, {}).get("methods", {}).items() if m not in methods
-        }  # --merge: cells of methods not rerun now stay
+        # --merge: the earlier cells stay (those of the methods rerun now until replaced)
+        kept = dict(old.get(set_name, {}).get("methods", {}))
         entry = {
             "label": ds.label,
             "n_train": len(ds.X_train),
@@ -1220,9 +1258,7 @@ def _rates(gflop: float, t_wall: float, t_cpu: float) -> Timer:
 
 def _matched_makers(cfg: Config) -> dict:
     """``n_epochs -> unfitted model`` for sknvp (matched) and each importable peer."""
-    from sknvp import RealNVPDensity
-
-    makers = {SKNVP_MATCHED: lambda e: RealNVPDensity(**dict(matched_params(cfg, 0), max_iter=e))}
+    makers = {SKNVP_MATCHED: lambda e: matched_density(**dict(matched_params(cfg, 0), max_iter=e))}
     for name in PEERS:
         if missing_peer_message(name) is None:
             makers[name] = lambda e, name=name: PeerMethod(name, dict_config(cfg, epochs=e), 0)
@@ -1329,11 +1365,9 @@ def run_profile(cfg: Config, set_name: str, out_dir: Path, doc: Path | None) -> 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from sknvp import RealNVPDensity
-
     ds = DATASETS[set_name](cfg)
     X = ds.X_train
-    RealNVPDensity(**dict(matched_params(cfg, 0), max_iter=1)).fit(X)  # warm-up
+    matched_density(**dict(matched_params(cfg, 0), max_iter=1)).fit(X)  # warm-up
     timing = _epoch_time(X, cfg)
     module = timing.pop("est").module_
     n_rows, batch = len(X), MATCHED["batch_size"]
@@ -1349,7 +1383,7 @@ def run_profile(cfg: Config, set_name: str, out_dir: Path, doc: Path | None) -> 
     big = _matmul_gflops([(1024, 1024, 1024)], repeats=10)
 
     peer_rows = _peer_epoch_times(X, cfg)
-    est = RealNVPDensity(**dict(matched_params(cfg, 0), max_iter=1))
+    est = matched_density(**dict(matched_params(cfg, 0), max_iter=1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with profile(activities=[ProfilerActivity.CPU]) as prof, Timer() as t:
@@ -1358,7 +1392,7 @@ def run_profile(cfg: Config, set_name: str, out_dir: Path, doc: Path | None) -> 
         top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
         pr = cProfile.Profile()
         pr.enable()
-        RealNVPDensity(**dict(matched_params(cfg, 0), max_iter=1)).fit(X)
+        matched_density(**dict(matched_params(cfg, 0), max_iter=1)).fit(X)
         pr.disable()
     stream = io.StringIO()
     pstats.Stats(pr, stream=stream).sort_stats("tottime").print_stats(15)
@@ -1620,7 +1654,7 @@ def _backprop_makers(cfg: Config) -> dict:
     if cfg.defaults_max_iter is not None:  # quick mode: tiny fits
         defaults["max_iter"] = cfg.defaults_max_iter
     return {
-        SKNVP_MATCHED: lambda e: RealNVPDensity(**dict(matched_params(cfg, 0), max_iter=e)),
+        SKNVP_MATCHED: lambda e: matched_density(**dict(matched_params(cfg, 0), max_iter=e)),
         SKNVP_DEFAULT: lambda e: RealNVPDensity(
             **dict(defaults, max_iter=e, n_iter_no_change=e)
         ),

@@ -351,7 +351,7 @@ class _CouplingRun:
 
     def forward(self, x: Tensor, log_det: Tensor | None) -> tuple[Tensor, Tensor]:
         parts = list(self._split(x))
-        for layer, kept_left in zip(self.layers, self.kept_left):
+        for layer, kept_left in zip(self.layers, self.kept_left, strict=True):
             kept, free = (0, 1) if kept_left else (1, 0)
             s, t = layer._scale_shift(parts[kept])
             parts[free] = torch.addcmul(t, parts[free], torch.exp(s))
@@ -361,7 +361,9 @@ class _CouplingRun:
 
     def inverse(self, z: Tensor, log_det: Tensor | None) -> tuple[Tensor, Tensor]:
         parts = list(self._split(z))
-        for layer, kept_left in zip(reversed(self.layers), reversed(self.kept_left)):
+        for layer, kept_left in zip(
+            reversed(self.layers), reversed(self.kept_left), strict=True
+        ):
             kept, free = (0, 1) if kept_left else (1, 0)
             s, t = layer._scale_shift(parts[kept])
             parts[free] = (parts[free] - t) * torch.exp(-s)

@@ -116,6 +116,36 @@ def test_merge_reruns_one_method_and_keeps_the_rest(quick_run):
     assert len(rerun_rows) == 1 and rerun_rows[0].endswith(f"| {bench.GMM} on two moons (noise 0.05) |")
 
 
+def test_interrupted_merge_run_keeps_the_sets_and_cells_it_did_not_reach(quick_run, monkeypatch):
+    # The results file is rewritten after every cell; a --merge run stopped on its second set
+    # must leave that set's earlier cells (and every other set) in it.
+    bench, _, out, _ = quick_run
+    before = json.loads((out / "results.json").read_text())
+    sets = list(before["sets"])
+    assert len(sets) >= 2
+    real_run_cell, calls = bench.run_cell, []
+
+    def stop_on_second_set(name, ds, cfg):
+        calls.append(ds.label)
+        if ds.label == before["sets"][sets[1]]["label"]:
+            raise KeyboardInterrupt
+        return real_run_cell(name, ds, cfg)
+
+    monkeypatch.setattr(bench, "run_cell", stop_on_second_set)
+    cfg = bench.Config.make_quick()
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_benchmark(cfg, sets[:2], [bench.GMM], out, merge=True, threads=1)
+    after = json.loads((out / "results.json").read_text())
+    assert set(after["sets"]) == set(before["sets"])
+    assert after["sets"][sets[1]]["methods"] == before["sets"][sets[1]]["methods"]
+    first_before, first_after = before["sets"][sets[0]]["methods"], after["sets"][sets[0]]["methods"]
+    assert first_after.keys() == first_before.keys()
+    for name in first_before:
+        if name != bench.GMM:
+            assert first_after[name] == first_before[name]
+    assert first_after[bench.GMM]["date"] == after["merged_runs"][-1]["environment"]["date"]
+
+
 BUDGET_SCRIPT = SCRIPT.with_name("bench_budget.py")
 
 
@@ -266,3 +296,29 @@ def test_base_cost_quick_run_times_both_bases_and_writes_doc_block(tmp_path):
     assert (tmp_path / "base_cost.csv").exists() and (tmp_path / "scaling_base.png").exists()
     text = doc.read_text()
     assert "stale" not in text and text.count("| 2 | ") == 1 and "scaling_base.png" in text
+
+
+def test_matched_flow_masks_even_then_odd_features_as_nflows_and_zuko():
+    bench = _load_script()
+    masks = bench.peer_masks(4, 5)
+    assert masks.tolist() == [[1, 0, 1, 0, 1], [0, 1, 0, 1, 0]] * 2
+    # nflows' SimpleRealNVP: -1 (identity, kept) on the even features of the first layer.
+    nflows_first = np.ones(5)
+    nflows_first[::2] = -1
+    assert np.array_equal(masks[0] == 1, nflows_first == -1)
+    rng = np.random.RandomState(0)
+    for d in (2, 5):
+        X = rng.normal(size=(120, d))
+        params = dict(bench.matched_params(bench.Config.make_quick(), 0), max_iter=1)
+        est = bench.matched_density(**params).fit(X)
+        assert est.mask == "peers"  # the parameter is left as given
+        kept = [m.mask.int().tolist() for m in est.module_.modules() if hasattr(m, "mask")]
+        assert kept == bench.peer_masks(params["n_couplings"], d).tolist()
+    # In 2-D these are "alternating"'s masks: the same flow as the halves.
+    from sknvp import RealNVPDensity
+
+    X2 = rng.normal(size=(120, 2))
+    halves = RealNVPDensity(**dict(params, mask="alternating")).fit(X2)
+    np.testing.assert_array_equal(
+        bench.matched_density(**params).fit(X2).score_samples(X2), halves.score_samples(X2)
+    )
