@@ -49,12 +49,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _torch_module
 
 from .flows import RealNVPFlow
 from .mixture import GaussianMixtureBase, standardized_residuals
 from .nets import MLP, constant_like, tanh_
-from .transforms import SplitAffineCoupling, Standardize, TriangularWhitening
+from .transforms import (
+    SplitAffineCoupling,
+    Standardize,
+    TriangularWhitening,
+    global_hooks,
+    has_hooks,
+)
 
 __all__ = ["ManualGradient", "manual_gradient"]
 
@@ -95,21 +100,7 @@ _ACTIVATIONS: dict[type, tuple[Callable, Callable]] = {
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-        or getattr(m, "_backward_pre_hooks", None)
-        for m in module.modules()
-    )
-
-
-def _global_hooks() -> bool:
-    return any(
-        getattr(_torch_module, name, None)
-        for name in (
-            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-            "_global_backward_pre_hooks",
-        )
-    )
+    return any(map(has_hooks, module.modules()))
 
 
 def _mlp_layers(net: nn.Module) -> list[tuple[nn.Linear, nn.Module | None]] | None:
@@ -443,7 +434,7 @@ _HALF_LOG_2PI = 0.5 * _LOG_2PI
 
 def manual_gradient(module: nn.Module) -> ManualGradient | None:
     """A :class:`ManualGradient` for ``module``, or None where it is not supported."""
-    if type(module) is not RealNVPFlow or _global_hooks() or _has_hooks(module):
+    if type(module) is not RealNVPFlow or global_hooks() or _has_hooks(module):
         return None
     layers = list(module.transform)
     prefix: list[nn.Module] = []

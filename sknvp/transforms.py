@@ -380,14 +380,17 @@ def _same_sets(layer: SplitAffineCoupling, other: SplitAffineCoupling) -> bool:
     )
 
 
-def _hooked(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself has forward or backward hooks (a fast path that bypasses
+    its call must then not be taken)."""
     return bool(
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
         or getattr(module, "_backward_pre_hooks", None)
     )
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
+    """Whether hooks are registered for every module (``register_module_forward_hook``...)."""
     from torch.nn.modules import module as m
 
     return any(
@@ -448,7 +451,7 @@ class FlowSequential(nn.Sequential):
         return plan
 
     def _items(self) -> list:
-        if _global_hooks() or any(_hooked(m) for m in self):
+        if global_hooks() or any(map(has_hooks, self)):
             return list(self)
         return self._plan()
 
