@@ -57,6 +57,8 @@ from .transforms import (
     SplitAffineCoupling,
     Standardize,
     TriangularWhitening,
+    _CouplingRun,
+    coupling_runs,
     global_hooks,
     has_hooks,
 )
@@ -146,10 +148,7 @@ class _Coupling:
             for _, act in layers
         ]
         self.single_input = layers[0][0].in_features == 1
-        # The kept and the transformed features, each in index order (as the layer splits).
-        self.kept_idx, self.free_idx = layer._kept_idx, layer._free_idx
-        # Whether this coupling keeps the left part of its run (set by _runs).
-        self.kept_left = False
+        self.layer = layer  # its index sets group it into runs (see ManualGradient.runs)
 
     def forward_parts(self, x_kept: Tensor, x_free: Tensor):
         """``(y_free, s, cache)``: the transformed part (the kept part passes unchanged)."""
@@ -266,7 +265,7 @@ class ManualGradient:
         # "alternating" and "checkerboard": one run; "permuted": one per pair of couplings);
         # each run splits its input once and joins once, its couplings work on the two
         # parts (see _forward_runs). None: every coupling splits and joins (the reference).
-        self.runs: list[_Run] | None = _runs(couplings)
+        self.runs: list[_CouplingRun] | None = coupling_runs([c.layer for c in couplings])
 
     def couplings_are_identity(self) -> bool:
         """Whether every coupling's conditioner ends in a zero layer (as a fresh flow's do):
@@ -355,8 +354,10 @@ class ManualGradient:
         caches, s_total = [], None
         for run in self.runs:
             left, right = run.split(x)
-            for c in self.couplings[run.start:run.stop]:
-                if c.kept_left:
+            for c, kept_left in zip(
+                self.couplings[run.start:run.stop], run.kept_left, strict=True
+            ):
+                if kept_left:
                     right, s, cache = c.forward_parts(left, right)
                 else:
                     left, s, cache = c.forward_parts(right, left)
@@ -371,7 +372,7 @@ class ManualGradient:
             g_left, g_right = run.split(g)
             for i in range(run.stop - 1, run.start - 1, -1):
                 c, need = self.couplings[i], i > 0
-                if c.kept_left:
+                if run.kept_left[i - run.start]:
                     grads = c.backward_parts(g_left, g_right, neg_w, caches[i], need)
                     if grads is not None:
                         g_left, g_right = grads
@@ -381,50 +382,6 @@ class ManualGradient:
                         g_right, g_left = grads
             if run.start > 0:
                 g = run.join(g_left, g_right)
-
-
-class _Run:
-    """Couplings ``start:stop`` that all keep one of the same two complementary index sets:
-    ``left`` (the one holding the lowest feature) and ``right``, each in index order."""
-
-    def __init__(self, start: int, stop: int, left: Tensor, right: Tensor) -> None:
-        self.start, self.stop = start, stop
-        self.left, self.right = left, right
-        # Blocks (the left one first) split at a column: slices. Else one gather per part.
-        block = torch.equal(left, torch.arange(len(left), device=left.device))
-        self.boundary = len(left) if block else None
-        self._unsplit = None if block else torch.argsort(torch.cat([left, right]))
-
-    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        b = self.boundary
-        if b is not None:
-            return x[:, :b], x[:, b:]
-        return x.index_select(1, self.left), x.index_select(1, self.right)
-
-    def join(self, left: Tensor, right: Tensor) -> Tensor:
-        joined = torch.cat([left, right], dim=1)
-        return joined if self._unsplit is None else joined.index_select(1, self._unsplit)
-
-
-def _runs(couplings: list[_Coupling]) -> list[_Run]:
-    """The maximal runs of consecutive couplings that split into the same two index sets;
-    sets each coupling's ``kept_left``."""
-    runs: list[_Run] = []
-    for i, c in enumerate(couplings):
-        run = runs[-1] if runs else None
-        same = run is not None and (
-            torch.equal(c.kept_idx, run.left) and torch.equal(c.free_idx, run.right)
-            or torch.equal(c.kept_idx, run.right) and torch.equal(c.free_idx, run.left)
-        )
-        if same:
-            run.stop = i + 1
-        else:
-            left, right = c.kept_idx, c.free_idx
-            if int(right[0]) < int(left[0]):
-                left, right = right, left
-            runs.append(_Run(i, i + 1, left, right))
-        c.kept_left = torch.equal(c.kept_idx, runs[-1].left)
-    return runs
 
 
 _LOG_2PI = math.log(2 * math.pi)

@@ -323,44 +323,65 @@ class TriangularWhitening(nn.Module):
 
 
 class _CouplingRun:
-    """Consecutive :class:`SplitAffineCoupling` layers that all keep one of the same two
-    complementary index sets (``left``, holding the lowest feature, and ``right``): split once,
-    the couplings applied to the two parts, joined once. The same arithmetic as the layers
-    one by one, without a split and a join per coupling."""
+    """Layers ``start:stop`` of a stack: consecutive :class:`SplitAffineCoupling` layers that
+    all keep one of the same two complementary index sets (``left``, holding the lowest
+    feature, and ``right``, each in index order). :meth:`split` and :meth:`join` cut a batch
+    into the two parts and put it back (slices where the sets are blocks, the left one
+    first, ``boundary`` the column between them; else one gather per part); ``kept_left``
+    says for each layer whether it keeps the left part. :meth:`forward` and :meth:`inverse`
+    apply the layers to the two parts: the arithmetic of the layers one by one, without a
+    split and a join per coupling. The hand-derived gradient uses the same runs."""
 
-    def __init__(self, layers: list[SplitAffineCoupling]) -> None:
+    def __init__(self, layers: list[SplitAffineCoupling], start: int = 0) -> None:
         first = layers[0]
         left, right = first._kept_idx, first._free_idx
         if int(right[0]) < int(left[0]):
             left, right = right, left
         self.layers = layers
+        self.start, self.stop = start, start + len(layers)
         self.kept_left = [torch.equal(layer._kept_idx, left) for layer in layers]
         self.left, self.right = left, right
         block = torch.equal(left, torch.arange(len(left), device=left.device))
         self.boundary = len(left) if block else None
         self.unsplit = None if block else torch.argsort(torch.cat([left, right]))
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def append(self, layer: SplitAffineCoupling) -> None:
+        """Extend the run by ``layer`` (one that :meth:`holds`)."""
+        self.layers.append(layer)
+        self.kept_left.append(torch.equal(layer._kept_idx, self.left))
+        self.stop += 1
+
+    def holds(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` is a :class:`SplitAffineCoupling` on this run's two sets."""
+        if type(layer) is not SplitAffineCoupling:
+            return False
+        a, b = layer._kept_idx, layer._free_idx
+        return (
+            torch.equal(a, self.left) and torch.equal(b, self.right)
+            or torch.equal(a, self.right) and torch.equal(b, self.left)
+        )
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.boundary is not None:
             return x[:, : self.boundary], x[:, self.boundary:]
         return x.index_select(1, self.left), x.index_select(1, self.right)
 
-    def _join(self, left: Tensor, right: Tensor) -> Tensor:
+    def join(self, left: Tensor, right: Tensor) -> Tensor:
         joined = torch.cat([left, right], dim=1)
         return joined if self.unsplit is None else joined.index_select(1, self.unsplit)
 
     def forward(self, x: Tensor, log_det: Tensor | None) -> tuple[Tensor, Tensor]:
-        parts = list(self._split(x))
+        parts = list(self.split(x))
         for layer, kept_left in zip(self.layers, self.kept_left, strict=True):
             kept, free = (0, 1) if kept_left else (1, 0)
             s, t = layer._scale_shift(parts[kept])
             parts[free] = torch.addcmul(t, parts[free], torch.exp(s))
             ld = s.sum(1)
             log_det = ld if log_det is None else log_det + ld
-        return self._join(*parts), log_det
+        return self.join(*parts), log_det
 
     def inverse(self, z: Tensor, log_det: Tensor | None) -> tuple[Tensor, Tensor]:
-        parts = list(self._split(z))
+        parts = list(self.split(z))
         for layer, kept_left in zip(
             reversed(self.layers), reversed(self.kept_left), strict=True
         ):
@@ -369,15 +390,22 @@ class _CouplingRun:
             parts[free] = (parts[free] - t) * torch.exp(-s)
             ld = -s.sum(1)
             log_det = ld if log_det is None else log_det + ld
-        return self._join(*parts), log_det
+        return self.join(*parts), log_det
 
 
-def _same_sets(layer: SplitAffineCoupling, other: SplitAffineCoupling) -> bool:
-    a, b = layer._kept_idx, layer._free_idx
-    c, d = other._kept_idx, other._free_idx
-    return (
-        torch.equal(a, c) and torch.equal(b, d) or torch.equal(a, d) and torch.equal(b, c)
-    )
+def coupling_runs(layers: list[nn.Module]) -> list[_CouplingRun]:
+    """The maximal runs of consecutive :class:`SplitAffineCoupling` layers of ``layers`` that
+    split into the same two index sets (one layer on its own is a run of one); other layers
+    belong to no run."""
+    runs: list[_CouplingRun] = []
+    for i, layer in enumerate(layers):
+        if type(layer) is not SplitAffineCoupling:
+            continue
+        if runs and runs[-1].stop == i and runs[-1].holds(layer):
+            runs[-1].append(layer)
+        else:
+            runs.append(_CouplingRun([layer], i))
+    return runs
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -429,24 +457,12 @@ class FlowSequential(nn.Sequential):
         ):
             return cached[1]
         plan: list = []
-        group: list = []
-
-        def flush():
-            if len(group) > 1:
-                plan.append(_CouplingRun(list(group)))
-            else:
-                plan.extend(group)
-            group.clear()
-
-        for layer in layers:
-            if type(layer) is SplitAffineCoupling:
-                if group and not _same_sets(group[0], layer):
-                    flush()
-                group.append(layer)
-            else:
-                flush()
-                plan.append(layer)
-        flush()
+        runs = {run.start: run for run in coupling_runs(layers) if len(run.layers) > 1}
+        i = 0
+        while i < len(layers):
+            run = runs.get(i)
+            plan.append(layers[i] if run is None else run)
+            i = i + 1 if run is None else run.stop
         self.__dict__["_plan_cache"] = (key, plan)
         return plan
 
