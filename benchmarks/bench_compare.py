@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -389,6 +390,13 @@ def peer_masks(n_couplings: int, n_features: int) -> np.ndarray:
 def matched_density(**params):
     """``RealNVPDensity(**params)`` where ``mask="peers"`` stands for :func:`peer_masks` of the
     data's width (the matched flow is built before the data are seen)."""
+    return _matched_density_class()(**params)
+
+
+@functools.cache
+def _matched_density_class():
+    """The :class:`~sknvp.RealNVPDensity` subclass of :func:`matched_density` (made once, on
+    first use: this script imports sknvp only when it fits)."""
     from sklearn.utils._param_validation import StrOptions
 
     from sknvp import RealNVPDensity
@@ -409,7 +417,7 @@ def matched_density(**params):
             finally:
                 self.mask = named
 
-    return MatchedRealNVPDensity(**params)
+    return MatchedRealNVPDensity
 
 
 def matched_params(cfg: Config, seed: int) -> dict:
