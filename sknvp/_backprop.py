@@ -34,7 +34,7 @@ layers are
 :class:`~sknvp.transforms.Standardize`, :class:`~sknvp.transforms.TriangularWhitening` (both
 fixed, before any coupling) and :class:`~sknvp.transforms.SplitAffineCoupling` with an
 :class:`~sknvp.nets.MLP` conditioner of plain ``nn.Linear`` layers and the registry's
-activations, without hooks or frozen parameters. :func:`manual_gradient` returns ``None`` for
+activations, without hooks, frozen parameters or clipped conditioner inputs. :func:`manual_gradient` returns ``None`` for
 anything else (batch norm, images, one-feature flows, custom layers or activations), and
 training falls back to autograd.
 """
@@ -400,6 +400,8 @@ def manual_gradient(module: nn.Module) -> ManualGradient | None:
         if type(layer) in (Standardize, TriangularWhitening) and not couplings:
             prefix.append(layer)
         elif type(layer) is SplitAffineCoupling:
+            if layer.input_low is not None:  # clipped inputs: autograd differentiates the clamp
+                return None
             mlp = _mlp_layers(layer.conditioner)
             if mlp is None or mlp[-1][0].out_features != 2 * layer._free_idx.numel():
                 return None

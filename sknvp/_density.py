@@ -37,11 +37,11 @@ from .em import (
     max_mixture_size,
     select_gaussian_mixture,
 )
-from .flows import RealNVPFlow, build_realnvp
+from .flows import RealNVPFlow, build_realnvp, clip_conditioners
 from .masks import MASK_TYPES
 from .mixture import GaussianMixtureBase
 from .nets import ACTIVATIONS
-from .transforms import Standardize, TriangularWhitening
+from .transforms import AffineCoupling, Standardize, TriangularWhitening
 
 __all__ = ["RealNVPDensity"]
 
@@ -290,6 +290,17 @@ class RealNVPDensity(
         row in one can score thousands of nats below the rest); on real tabular data its
         effect went either way, so check it on held-out rows. Validation rows are scored as
         given. 0.05 is a reasonable value to try; see the benchmarks in the documentation.
+    clip_conditioner_inputs : bool, default=True
+        After fitting, clip each coupling's conditioner input to the range of values the
+        fitted rows gave it (:func:`sknvp.flows.clip_conditioners`). Nothing changes on the
+        training rows or wherever the conditioners' inputs stay within those ranges; beyond
+        them a coupling keeps the scale and shift of the nearest point of the range instead
+        of extrapolating its network, so a row far out along a few features is not
+        stretched by every coupling (a held-out 64-D digit with one pixel 29 standard
+        deviations out scored -11,619 unclipped and -731 clipped; a Gaussian mixture gave it
+        -710). The flow stays invertible and its density still integrates to one. False
+        keeps the networks' own extrapolation (the paper's model). :meth:`partial_fit`
+        widens the ranges with each chunk.
     early_stopping : bool, default=True
         Hold out ``validation_fraction`` of the rows, stop when their log-likelihood stops
         improving and restore the best weights.
@@ -401,6 +412,7 @@ class RealNVPDensity(
         "learning_rate": [StrOptions({"cosine", "constant"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "input_noise": [Interval(Real, 0, None, closed="left")],
+        "clip_conditioner_inputs": ["boolean"],
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
@@ -431,6 +443,7 @@ class RealNVPDensity(
         learning_rate="cosine",
         alpha=1e-3,
         input_noise=0.0,
+        clip_conditioner_inputs=True,
         early_stopping=True,
         validation_fraction=0.1,
         n_iter_no_change=20,
@@ -457,6 +470,7 @@ class RealNVPDensity(
         self.learning_rate = learning_rate
         self.alpha = alpha
         self.input_noise = input_noise
+        self.clip_conditioner_inputs = clip_conditioner_inputs
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
@@ -732,12 +746,15 @@ class RealNVPDensity(
         return print
 
     def _train(self, module, X, sample_weight, train_idx, valid_idx, device, seed, warm,
-               max_iter=None, schedule=None, keep_better=True):
+               max_iter=None, schedule=None, keep_better=True, extend_clipping=False):
         X = self._prepare_training_data(X, valid_idx, seed)
         dtype = TORCH_DTYPES[self.dtype]
         # A warm start trains a copy (a failed fit must leave the fitted model as it was); a
         # freshly built module belongs to this fit alone (copying it cost several ms a fit).
         work = copy.deepcopy(module) if warm else module
+        # The networks train unclipped; the clipping is measured again afterwards.
+        if warm:
+            clip_conditioners(work, None)
         # Below float64, the rows are centred in float64 before the cast and the work copy's
         # standardisation centre is moved to 0 (put back after training): casting first
         # would round 1e6 + 1e-3 x to steps of 60 standard deviations, and the centre itself.
@@ -770,7 +787,28 @@ class RealNVPDensity(
             work = work.to(torch.float64)
             standardize.loc.copy_(centre.to(standardize.loc.device))
         self._set_fitted(work, optimizer, result, device, warm)
+        rows = np.concatenate([train_idx, valid_idx])
+        rows = rows[sample_weight[rows] > 0]
+        self._clip_conditioners(X, rows, module if extend_clipping else None)
         return result
+
+    def _clip_conditioners(self, X, rows, previous) -> None:
+        """Hook: with ``clip_conditioner_inputs``, clip each coupling's conditioner input to
+        the range rows ``rows`` of ``X`` give it in the fitted flow (widening ``previous``'s
+        ranges, the flow before this pass of :meth:`partial_fit`)."""
+        if not self.clip_conditioner_inputs:
+            return
+        if previous is not None:  # start from the ranges of the flow before this pass
+            old = [m for m in previous.transform if isinstance(m, AffineCoupling)]
+            new = [m for m in self.module_.transform if isinstance(m, AffineCoupling)]
+            for before, after in zip(old, new, strict=True):
+                after.set_input_range(before.input_low, before.input_high)
+        step = self._inference_rows()
+        batches = (
+            torch.as_tensor(X[rows[i:i + step]], dtype=torch.float64, device=self.device_)
+            for i in range(0, len(rows), step)
+        )
+        clip_conditioners(self.module_, batches, keep_wider=previous is not None)
 
     @_fit_context(prefer_skip_nested_validation=True)
     @_undo_input_attrs_on_error
@@ -816,7 +854,7 @@ class RealNVPDensity(
             module = self.module_
         result = self._train(
             module, X, sample_weight, idx, idx[:0], device, seed + 1, not first,
-            max_iter=1, schedule="constant", keep_better=False,
+            max_iter=1, schedule="constant", keep_better=False, extend_clipping=not first,
         )
         self._partial_seed = partial_seed
         if result.diverged:

@@ -203,6 +203,7 @@ class RealNVPImageDensity(RealNVPDensity):
             if k not in (
                 "n_couplings", "hidden_layer_sizes", "mask", "whiten", "inference_dtype",
                 "input_noise",  # images get dequantisation noise instead
+                "clip_conditioner_inputs",  # vector flows only
                 "base", "n_components",  # the multi-scale flow maps to a standard normal
             )
         },
@@ -440,6 +441,9 @@ class RealNVPImageDensity(RealNVPDensity):
 
     def _inference_dtype(self) -> torch.dtype:
         return torch.float64 if self.device_.type == "cpu" else TORCH_DTYPES[self.dtype]
+
+    def _clip_conditioners(self, X, rows, previous) -> None:
+        """The multi-scale flow's convolutional couplings are not clipped."""
 
     def _set_fitted(self, work, optimizer, result, device, warm) -> None:
         super()._set_fitted(work, optimizer, result, device, warm)

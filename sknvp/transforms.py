@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 
+_RANGE_BUFFERS = ("input_low", "input_high")
+
+
 def _sum_except_batch(x: Tensor) -> Tensor:
     return x.sum(dim=tuple(range(1, x.dim())))
 
@@ -71,6 +74,9 @@ class AffineCoupling(nn.Module):
         self.register_buffer("mask", mask.bool())
         self.conditioner = conditioner
         self.scale_bound = float(scale_bound)
+        # The conditioner's input range (set_input_range); None: not clipped.
+        self.register_buffer("input_low", None)
+        self.register_buffer("input_high", None)
         self._refresh_mask_buffers()
 
     def _refresh_mask_buffers(self) -> None:
@@ -87,15 +93,73 @@ class AffineCoupling(nn.Module):
         self.register_buffer("_free_bound", (1.0 - keep) * self.scale_bound, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # An input range belongs to the weights it was measured with: take the loaded one, or
+        # none when the state comes without one (as from a flow that was never clipped).
+        for name in _RANGE_BUFFERS:
+            value = state_dict.get(prefix + name)
+            self._buffers[name] = None if value is None else torch.empty_like(
+                value, dtype=self._float_dtype(), device=self.mask.device
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_mask_buffers()  # the mask may have been replaced by the loaded one
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        for name in _RANGE_BUFFERS:  # pickled before couplings could be clipped
+            self._buffers.setdefault(name, None)
         self._refresh_mask_buffers()  # derived state; also fills in what older pickles lack
 
+    def _float_dtype(self) -> torch.dtype:
+        ref = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return ref.dtype if ref is not None else torch.get_default_dtype()
+
+    def conditioner_input(self, x: Tensor) -> Tensor:
+        """What the conditioner is fed for ``x``, before any clipping: here ``x`` with the
+        transformed positions zeroed."""
+        return x * self._keep
+
+    def set_input_range(self, low: Tensor | None, high: Tensor | None = None) -> None:
+        r"""Clip the conditioner's input elementwise to ``[low, high]``; ``None`` removes it.
+
+        Inside the range nothing changes. Beyond it the conditioner sees the nearest point of
+        the range, so the scale and shift stop changing and the coupling is an element-wise
+        affine map of its transformed part there: the map stays invertible, its
+        log-determinant is still :math:`\sum s`, and points far from the rows the range was
+        measured on are not moved by the network's extrapolation (see
+        :func:`~sknvp.flows.clip_conditioners`).
+
+        Parameters
+        ----------
+        low, high : Tensor shaped like one row of :meth:`conditioner_input`, or None
+            Lower and upper ends, ``low <= high`` everywhere.
+        """
+        if low is None:
+            self.input_low = self.input_high = None
+            return
+        low = torch.as_tensor(low).detach()
+        high = torch.as_tensor(high).detach()
+        if low.shape != high.shape or not self._fits_one_input(tuple(low.shape)):
+            raise ValueError(
+                "The input range must have the shape of one conditioner input, got "
+                f"{tuple(low.shape)} and {tuple(high.shape)}."
+            )
+        if not bool((low <= high).all()):
+            raise ValueError("The input range needs low <= high everywhere.")
+        options = {"dtype": self._float_dtype(), "device": self.mask.device}
+        self.input_low = low.to(**options).clone()
+        self.input_high = high.to(**options).clone()
+
+    def _fits_one_input(self, shape: tuple) -> bool:
+        # Shaped like the mask, or like one input the mask broadcasts over (channels).
+        mask = tuple(self.mask.shape)
+        return len(shape) == len(mask) and all(m in (1, n) for m, n in zip(mask, shape, strict=True))
+
+    def _clip(self, x_kept: Tensor) -> Tensor:
+        low = self.input_low
+        return x_kept if low is None else torch.clamp(x_kept, low, self.input_high)
+
     def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
-        raw_s, t = self.conditioner(x_kept).chunk(2, dim=1)
+        raw_s, t = self.conditioner(self._clip(x_kept)).chunk(2, dim=1)
         # s and t are zeroed on kept positions (tanh(0) = 0), so those stay as they are.
         if torch.is_grad_enabled():
             s = torch.tanh(raw_s * (1.0 / self.scale_bound)) * self._free_bound
@@ -181,8 +245,15 @@ class SplitAffineCoupling(AffineCoupling):
             return torch.cat([free, kept], dim=1)
         return torch.cat([kept, free], dim=1).index_select(1, self._unsplit)
 
+    def conditioner_input(self, x: Tensor) -> Tensor:
+        """What the conditioner is fed for ``x``, before any clipping: the kept features."""
+        return self._split(x)[0]
+
+    def _fits_one_input(self, shape: tuple) -> bool:
+        return shape == (self._n_kept,)
+
     def _scale_shift(self, x_kept: Tensor) -> tuple[Tensor, Tensor]:
-        raw_s, t = self.conditioner(x_kept).chunk(2, dim=1)
+        raw_s, t = self.conditioner(self._clip(x_kept)).chunk(2, dim=1)
         return _bounded_log_scale(raw_s, self.scale_bound), t
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
