@@ -1169,6 +1169,9 @@ class RealNVPDensity(
         if "module_" in state:
             # Fitted before plateaus could lower the learning rate: none did.
             state.setdefault("lr_drops_", [])
+        # Pickled before conditioner inputs were clipped: a fitted model's flow is unclipped,
+        # and says so (a refit keeps it that way); an unfitted one takes today's default.
+        state.setdefault("clip_conditioner_inputs", "module_" not in state)
         super().__setstate__(state)
 
     @property

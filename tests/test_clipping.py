@@ -277,6 +277,24 @@ def test_warm_refits_measure_afresh_and_partial_fit_widens(data):
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_a_model_pickled_before_clipping_loads_unclipped_and_says_so(data):
+    old = _small().fit(data)
+    del old.clip_conditioner_inputs  # what an estimator pickled before the parameter holds
+    for c in _couplings(old.module_):
+        del c._buffers["input_low"], c._buffers["input_high"]
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.get_params()["clip_conditioner_inputs"] is False
+    assert all(c.input_low is None for c in _couplings(loaded.module_))
+    np.testing.assert_allclose(
+        loaded.score_samples(data + 50.0), _small(clip_conditioner_inputs=False).fit(data)
+        .score_samples(data + 50.0), rtol=1e-12,
+    )
+    unfitted = _small()
+    del unfitted.clip_conditioner_inputs
+    assert pickle.loads(pickle.dumps(unfitted)).clip_conditioner_inputs is True
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_float32_inference_keeps_the_clipping(data):
     est = _small(inference_dtype="float32").fit(data)
     far = data[:20] + np.array([0.0, 60.0, 0.0])
