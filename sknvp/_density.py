@@ -299,8 +299,9 @@ class RealNVPDensity(
         stretched by every coupling (a held-out 64-D digit with one pixel 29 standard
         deviations out scored -11,619 unclipped and -731 clipped; a Gaussian mixture gave it
         -710). The flow stays invertible and its density still integrates to one. False
-        keeps the networks' own extrapolation (the paper's model). :meth:`partial_fit`
-        widens the ranges with each chunk.
+        keeps the networks' own extrapolation (the paper's model). It takes effect when
+        fitting (the ranges are part of ``module_``); :meth:`partial_fit` widens them with
+        each chunk.
     early_stopping : bool, default=True
         Hold out ``validation_fraction`` of the rows, stop when their log-likelihood stops
         improving and restore the best weights.
