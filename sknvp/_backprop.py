@@ -34,9 +34,9 @@ layers are
 :class:`~sknvp.transforms.Standardize`, :class:`~sknvp.transforms.TriangularWhitening` (both
 fixed, before any coupling) and :class:`~sknvp.transforms.SplitAffineCoupling` with an
 :class:`~sknvp.nets.MLP` conditioner of plain ``nn.Linear`` layers and the registry's
-activations, without hooks, frozen parameters or clipped conditioner inputs. :func:`manual_gradient` returns ``None`` for
-anything else (batch norm, images, one-feature flows, custom layers or activations), and
-training falls back to autograd.
+activations, without hooks, frozen parameters or clipped conditioner inputs.
+:func:`manual_gradient` returns ``None`` for anything else (batch norm, images, one-feature
+flows, custom layers or activations), and training falls back to autograd.
 """
 
 from __future__ import annotations

@@ -29,7 +29,14 @@ from ._compat import (
     check_sample_weight,
 )
 from ._training import fit_flow, fresh_noise_adder, make_adam
-from ._utils import TORCH_DTYPES, cast_module, derive_seed, map_batches, resolve_device
+from ._utils import (
+    TORCH_DTYPES,
+    _row_chunks,
+    cast_module,
+    derive_seed,
+    map_batches,
+    resolve_device,
+)
 from .em import (
     choose_shrinkage,
     data_reg_covar,
@@ -37,11 +44,11 @@ from .em import (
     max_mixture_size,
     select_gaussian_mixture,
 )
-from .flows import RealNVPFlow, build_realnvp, clip_conditioners
+from .flows import RealNVPFlow, _coupling_layers, build_realnvp, clip_conditioners
 from .masks import MASK_TYPES
 from .mixture import GaussianMixtureBase
 from .nets import ACTIVATIONS
-from .transforms import AffineCoupling, Standardize, TriangularWhitening
+from .transforms import Standardize, TriangularWhitening
 
 __all__ = ["RealNVPDensity"]
 
@@ -648,6 +655,7 @@ class RealNVPDensity(
             result = self._train(
                 self.module_, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm
             )
+            self._clip_conditioners(X, sample_weight)
             self._warn_outcome(result)
             return self
         best = None
@@ -672,6 +680,7 @@ class RealNVPDensity(
                 best = (result, self._fitted_state())
         result, state = best
         vars(self).update(state)
+        self._clip_conditioners(X, sample_weight)  # the kept candidate only
         self._warn_outcome(result)
         return self
 
@@ -747,7 +756,7 @@ class RealNVPDensity(
         return print
 
     def _train(self, module, X, sample_weight, train_idx, valid_idx, device, seed, warm,
-               max_iter=None, schedule=None, keep_better=True, extend_clipping=False):
+               max_iter=None, schedule=None, keep_better=True):
         X = self._prepare_training_data(X, valid_idx, seed)
         dtype = TORCH_DTYPES[self.dtype]
         # A warm start trains a copy (a failed fit must leave the fitted model as it was); a
@@ -788,26 +797,23 @@ class RealNVPDensity(
             work = work.to(torch.float64)
             standardize.loc.copy_(centre.to(standardize.loc.device))
         self._set_fitted(work, optimizer, result, device, warm)
-        rows = np.concatenate([train_idx, valid_idx])
-        rows = rows[sample_weight[rows] > 0]
-        self._clip_conditioners(X, rows, module if extend_clipping else None)
         return result
 
-    def _clip_conditioners(self, X, rows, previous) -> None:
+    def _clip_conditioners(self, X, sample_weight, previous=None) -> None:
         """Hook: with ``clip_conditioner_inputs``, clip each coupling's conditioner input to
-        the range rows ``rows`` of ``X`` give it in the fitted flow (widening ``previous``'s
-        ranges, the flow before this pass of :meth:`partial_fit`)."""
+        the range the rows of ``X`` with positive weight give it in the fitted flow (widening
+        the ranges of ``previous``, the flow before this pass of :meth:`partial_fit`)."""
         if not self.clip_conditioner_inputs:
             return
         if previous is not None:  # start from the ranges of the flow before this pass
-            old = [m for m in previous.transform if isinstance(m, AffineCoupling)]
-            new = [m for m in self.module_.transform if isinstance(m, AffineCoupling)]
-            for before, after in zip(old, new, strict=True):
+            for before, after in zip(
+                _coupling_layers(previous), _coupling_layers(self.module_), strict=True
+            ):
                 after.set_input_range(before.input_low, before.input_high)
-        step = self._inference_rows()
+        rows = np.flatnonzero(sample_weight > 0)
         batches = (
-            torch.as_tensor(X[rows[i:i + step]], dtype=torch.float64, device=self.device_)
-            for i in range(0, len(rows), step)
+            torch.as_tensor(X[rows[s]], dtype=torch.float64, device=self.device_)
+            for s in _row_chunks(len(rows), self._inference_rows())
         )
         clip_conditioners(self.module_, batches, keep_wider=previous is not None)
 
@@ -855,8 +861,9 @@ class RealNVPDensity(
             module = self.module_
         result = self._train(
             module, X, sample_weight, idx, idx[:0], device, seed + 1, not first,
-            max_iter=1, schedule="constant", keep_better=False, extend_clipping=not first,
+            max_iter=1, schedule="constant", keep_better=False,
         )
+        self._clip_conditioners(X, sample_weight, previous=None if first else module)
         self._partial_seed = partial_seed
         if result.diverged:
             self._warn_outcome(result)

@@ -442,7 +442,7 @@ class RealNVPImageDensity(RealNVPDensity):
     def _inference_dtype(self) -> torch.dtype:
         return torch.float64 if self.device_.type == "cpu" else TORCH_DTYPES[self.dtype]
 
-    def _clip_conditioners(self, X, rows, previous) -> None:
+    def _clip_conditioners(self, X, sample_weight, previous=None) -> None:
         """The multi-scale flow's convolutional couplings are not clipped."""
 
     def _set_fitted(self, work, optimizer, result, device, warm) -> None:

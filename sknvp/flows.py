@@ -228,12 +228,11 @@ def clip_conditioners(
     >>> bool(torch.equal(flow.log_prob(x), before))
     True
     """
-    couplings = [m for m in flow.transform if isinstance(m, AffineCoupling)]
+    couplings = _coupling_layers(flow)
     present = [(c.input_low, c.input_high) for c in couplings]
     for coupling in couplings:
         coupling.set_input_range(None)
-    low: list[Tensor] = []
-    high: list[Tensor] = []
+    measured: list = [None] * len(couplings)  # (low, high) per coupling, once it saw rows
     with torch.no_grad():
         for x in batches if batches is not None else ():
             if x.shape[0] == 0:
@@ -242,23 +241,20 @@ def clip_conditioners(
             for layer in flow.transform:
                 if isinstance(layer, AffineCoupling):
                     fed = layer.conditioner_input(x)
-                    lo, hi = fed.amin(0), fed.amax(0)
-                    if i == len(low):
-                        low.append(lo)
-                        high.append(hi)
-                    else:
-                        low[i] = torch.minimum(low[i], lo)
-                        high[i] = torch.maximum(high[i], hi)
+                    measured[i] = _widest(measured[i], (fed.amin(0), fed.amax(0)))
                     i += 1
                 x = layer(x)[0]
-    measured = list(zip(low, high, strict=True)) if low else [(None, None)] * len(couplings)
-    for coupling, (old_low, old_high), (new_low, new_high) in zip(
-        couplings, present, measured, strict=True
-    ):
-        if keep_wider and old_low is not None:
-            if new_low is None:
-                new_low, new_high = old_low, old_high
-            else:
-                new_low = torch.minimum(new_low, old_low)
-                new_high = torch.maximum(new_high, old_high)
-        coupling.set_input_range(new_low, new_high)
+    for coupling, old, new in zip(couplings, present, measured, strict=True):
+        if keep_wider and old[0] is not None:
+            new = _widest(new, old)
+        coupling.set_input_range(*(new or (None, None)))
+
+
+def _coupling_layers(flow: RealNVPFlow) -> list[AffineCoupling]:
+    """The couplings among the layers of ``flow.transform``, in order."""
+    return [m for m in flow.transform if isinstance(m, AffineCoupling)]
+
+
+def _widest(a: tuple | None, b: tuple) -> tuple:
+    """The element-wise union of two ranges ``(low, high)`` (``a`` may be None)."""
+    return b if a is None else (torch.minimum(a[0], b[0]), torch.maximum(a[1], b[1]))

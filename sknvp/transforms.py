@@ -84,10 +84,7 @@ class AffineCoupling(nn.Module):
         # Floating copies of the mask, moved and cast with the module by .to(), so a call does
         # not convert the boolean mask again (a training step runs each coupling twice). They
         # broadcast like the mask: over channels when it is (1, H, W).
-        old = self._buffers.get("_keep")
-        ref = next((p for p in self.parameters() if p.is_floating_point()), old)
-        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-        keep = self.mask.to(dtype)
+        keep = self.mask.to(self._float_dtype())
         self.register_buffer("_keep", keep, persistent=False)
         self.register_buffer("_free", 1.0 - keep, persistent=False)
         self.register_buffer("_free_bound", (1.0 - keep) * self.scale_bound, persistent=False)
@@ -110,7 +107,10 @@ class AffineCoupling(nn.Module):
         self._refresh_mask_buffers()  # derived state; also fills in what older pickles lack
 
     def _float_dtype(self) -> torch.dtype:
+        """The module's floating type: its parameters', else the mask copy's (which ``.to()``
+        casts), else torch's default."""
         ref = next((p for p in self.parameters() if p.is_floating_point()), None)
+        ref = self._buffers.get("_keep") if ref is None else ref
         return ref.dtype if ref is not None else torch.get_default_dtype()
 
     def conditioner_input(self, x: Tensor) -> Tensor:
@@ -152,7 +152,9 @@ class AffineCoupling(nn.Module):
     def _fits_one_input(self, shape: tuple) -> bool:
         # Shaped like the mask, or like one input the mask broadcasts over (channels).
         mask = tuple(self.mask.shape)
-        return len(shape) == len(mask) and all(m in (1, n) for m, n in zip(mask, shape, strict=True))
+        return len(shape) == len(mask) and all(
+            m in (1, n) for m, n in zip(mask, shape, strict=True)
+        )
 
     def _clip(self, x_kept: Tensor) -> Tensor:
         low = self.input_low
