@@ -42,6 +42,8 @@ from .em import (
     data_reg_covar,
     fit_gaussian_mixture,
     max_mixture_size,
+    mean_log_likelihood,
+    refit_gaussian_mixture,
     select_gaussian_mixture,
 )
 from .flows import RealNVPFlow, _coupling_layers, build_realnvp, clip_conditioners
@@ -66,6 +68,11 @@ _GLOBAL_RNG_LOCK = threading.Lock()
 _EM_MAX_ROWS = 20_000
 _EM_MIN_ROWS = 2_000
 _EM_BUDGET = 5e7
+
+
+def _em_row_cap(n_features: int) -> int:
+    """Most rows EM sees when it fits a mixture base (see _EM_MAX_ROWS)."""
+    return int(min(_EM_MAX_ROWS, max(_EM_MIN_ROWS, _EM_BUDGET / n_features**2)))
 
 
 def _check_hidden_layer_sizes(sizes) -> tuple[int, ...]:
@@ -261,6 +268,18 @@ class RealNVPDensity(
         most 20,000 training rows (fewer with many features: rows x features\ :sup:`2` at
         most 5e7, but at least 2,000 rows), subsampled with the seed, and honours
         ``sample_weight``. Ignored with ``base="normal"``.
+    refit_base : bool, default=True
+        With ``base="mixture"`` and ``early_stopping``, refit the trained mixture by EM
+        (started from it) to the rows as the fitted couplings map them, training and
+        validation rows together, so that the base also learns from the rows early stopping
+        held out. Where training moved the couplings, this is done only if EM on the training
+        rows alone scores the validation rows higher than the trained mixture (on 30-D breast
+        cancer it did not: EM's covariances fitted the mapped training rows too closely);
+        where no epoch beat the EM start, the fitted model is that Gaussian mixture and it is
+        always refitted. The covariances keep the shrinkage chosen for the EM start. It gave
+        +2.5 nats per row on 64-D digits and +0.5 to 1.2 on a 128-D mixture of 1,500 rows
+        (see the benchmarks). ``best_validation_score_`` is the score before the refit, whose
+        EM has seen the validation rows. False keeps the trained mixture.
     whiten : bool or "auto", default="auto"
         Start the flow with a fixed full-covariance whitening (the Cholesky factor of the
         training rows' correlation matrix, :class:`~sknvp.transforms.TriangularWhitening`)
@@ -412,6 +431,7 @@ class RealNVPDensity(
         "batch_norm": ["boolean"],
         "base": [StrOptions({"mixture", "normal"})],
         "n_components": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "refit_base": ["boolean"],
         "whiten": ["boolean", StrOptions({"auto"})],
         "scale_bound": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -443,6 +463,7 @@ class RealNVPDensity(
         batch_norm=False,
         base="mixture",
         n_components="auto",
+        refit_base=True,
         whiten="auto",
         scale_bound=2.0,
         max_iter=150,
@@ -470,6 +491,7 @@ class RealNVPDensity(
         self.batch_norm = batch_norm
         self.base = base
         self.n_components = n_components
+        self.refit_base = refit_base
         self.whiten = whiten
         self.scale_bound = scale_bound
         self.max_iter = max_iter
@@ -558,7 +580,7 @@ class RealNVPDensity(
         start as the identity, so that is the standardisation, and the whitening if any);
         its size is the one whose fit scores best on the validation rows, if any."""
         n, d = X.shape
-        cap = int(min(_EM_MAX_ROWS, max(_EM_MIN_ROWS, _EM_BUDGET / (d * d))))
+        cap = _em_row_cap(d)
         rows = np.arange(n)
         if n > cap:
             rows = np.sort(np.random.RandomState(seed).choice(n, cap, replace=False))
@@ -603,7 +625,8 @@ class RealNVPDensity(
             fit, U, weights=weights, x_valid=U_valid, w_valid=w_valid, generator=generator,
             reg_covar=reg_covar,
         )
-        return GaussianMixtureBase(fit.weights, fit.means, fit.precisions_cholesky).double()
+        self._start_shrinkage = fit.shrinkage  # for _refit_base
+        return GaussianMixtureBase.from_fit(fit).double()
 
     def _split(self, n: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
         order = rng.permutation(n)
@@ -680,6 +703,7 @@ class RealNVPDensity(
                 best = (result, self._fitted_state())
         result, state = best
         vars(self).update(state)
+        self._refit_base(X, sample_weight, train_idx, valid_idx, result, seed)
         self._clip_conditioners(X, sample_weight)  # the kept candidate only
         self._warn_outcome(result)
         return self
@@ -703,7 +727,8 @@ class RealNVPDensity(
         """The attributes a fit sets (to restore the better of several candidates)."""
         return {
             k: v for k, v in vars(self).items()
-            if (k.endswith("_") and not k.startswith("__")) or k == "_optimizer_state"
+            if (k.endswith("_") and not k.startswith("__"))
+            or k in ("_optimizer_state", "_start_shrinkage")
         }
 
     def _to_tensors(self, X, w, idx, device, dtype, shift=None):
@@ -799,6 +824,54 @@ class RealNVPDensity(
         self._set_fitted(work, optimizer, result, device, warm)
         return result
 
+    def _refit_base(self, X, sample_weight, train_idx, valid_idx, result, seed) -> None:
+        """Hook: with ``refit_base``, a mixture base and validation rows, refit the trained
+        mixture by EM to the positive-weight rows as the fitted couplings map them (EM on
+        the training rows alone must first score the validation rows higher, unless the
+        fit kept its EM start)."""
+        shrinkage = vars(self).pop("_start_shrinkage", 0.0)
+        base = getattr(self.module_, "base", None)
+        if not (self.refit_base and isinstance(base, GaussianMixtureBase) and len(valid_idx)):
+            return
+        cap = _em_row_cap(X.shape[1])
+        train_idx = np.sort(train_idx[sample_weight[train_idx] > 0])
+        if len(train_idx) > cap:
+            train_idx = np.sort(np.random.RandomState(seed).choice(train_idx, cap, replace=False))
+        valid_idx = np.sort(valid_idx[sample_weight[valid_idx] > 0])
+        if len(valid_idx) == 0:
+            return
+        U_tr, w_tr = self._base_inputs(X, sample_weight, train_idx)
+        U_va, w_va = self._base_inputs(X, sample_weight, valid_idx)
+        trained = base.as_fit()
+        if result.best_epoch >= 0:  # trained couplings: EM must first earn its place
+            polished = refit_gaussian_mixture(trained, U_tr, w_tr, shrinkage)
+            if not (
+                mean_log_likelihood(polished, U_va, w_va)
+                > mean_log_likelihood(trained, U_va, w_va)
+            ):
+                return
+            trained = polished
+        final = refit_gaussian_mixture(
+            trained, torch.cat([U_tr, U_va]), torch.cat([w_tr, w_va]), shrinkage
+        )
+        if not math.isfinite(final.log_likelihood):
+            return
+        self.module_.base = GaussianMixtureBase.from_fit(final).to(U_tr)
+
+    def _base_inputs(self, X, sample_weight, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``idx`` of ``X`` as the fitted flow hands them to its base, and their
+        weights, as float64 tensors on the fitted device."""
+        device = self.device_
+        with torch.no_grad():
+            U = torch.cat([
+                self.module_.transform(
+                    torch.as_tensor(X[idx[s]], dtype=torch.float64, device=device)
+                )[0]
+                for s in _row_chunks(len(idx), self._inference_rows())
+            ])
+        w = torch.as_tensor(sample_weight[idx], dtype=torch.float64, device=device)
+        return U, w
+
     def _clip_conditioners(self, X, sample_weight, previous=None) -> None:
         """Hook: with ``clip_conditioner_inputs``, clip each coupling's conditioner input to
         the range the rows of ``X`` with positive weight give it in the fitted flow (widening
@@ -857,6 +930,7 @@ class RealNVPDensity(
         if first:
             spec = self._candidate_specs((sizes, mask), X.shape[1])[0]  # no validation rows
             module = self._build_module(X, sample_weight, *spec, seed)
+            vars(self).pop("_start_shrinkage", None)  # no validation rows to refit with
         else:
             module = self.module_
         result = self._train(
@@ -1180,6 +1254,8 @@ class RealNVPDensity(
         # Pickled before conditioner inputs were clipped: a fitted model's flow is unclipped,
         # and says so (a refit keeps it that way); an unfitted one takes today's default.
         state.setdefault("clip_conditioner_inputs", "module_" not in state)
+        # Pickled before the mixture base was refitted after training: likewise.
+        state.setdefault("refit_base", "module_" not in state)
         super().__setstate__(state)
 
     @property

@@ -204,7 +204,7 @@ class RealNVPImageDensity(RealNVPDensity):
                 "n_couplings", "hidden_layer_sizes", "mask", "whiten", "inference_dtype",
                 "input_noise",  # images get dequantisation noise instead
                 "clip_conditioner_inputs",  # vector flows only
-                "base", "n_components",  # the multi-scale flow maps to a standard normal
+                "base", "n_components", "refit_base",  # the multi-scale flow: standard normal
             )
         },
         "image_shape": [None, tuple, list],
@@ -444,6 +444,9 @@ class RealNVPImageDensity(RealNVPDensity):
 
     def _clip_conditioners(self, X, sample_weight, previous=None) -> None:
         """The multi-scale flow's convolutional couplings are not clipped."""
+
+    def _refit_base(self, X, sample_weight, train_idx, valid_idx, result, seed) -> None:
+        """The multi-scale flow's base is a standard normal: nothing to refit."""
 
     def _set_fitted(self, work, optimizer, result, device, warm) -> None:
         super()._set_fitted(work, optimizer, result, device, warm)

@@ -15,7 +15,8 @@ validation rows 55, which scored 0.015 nat per test row higher.) The algorithm i
 scikit-learn's ``GaussianMixture(covariance_type="full")`` (``reg_covar`` added to every
 covariance's diagonal, convergence when the mean log-likelihood gains less than ``tol``), with
 sample weights, batched over components, and the E-step in row chunks so that memory stays
-bounded whatever the number of rows.
+bounded whatever the number of rows. After training, :func:`refit_gaussian_mixture` runs EM
+again from the trained mixture, on the rows as the fitted couplings map them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "max_mixture_size",
     "mean_log_likelihood",
     "mixture_sizes",
+    "refit_gaussian_mixture",
     "select_gaussian_mixture",
     "shrink_covariances",
 ]
@@ -223,6 +225,7 @@ def fit_gaussian_mixture(
     tol: float = 1e-3,
     max_iter: int = 100,
     n_lloyd: int = 10,
+    init: MixtureFit | None = None,
 ) -> MixtureFit:
     """Fit a ``n_components`` full-covariance Gaussian mixture to the rows of ``x`` by EM.
 
@@ -244,14 +247,29 @@ def fit_gaussian_mixture(
         Most EM iterations.
     n_lloyd : int, default=10
         k-means steps after the seeding, whose clusters start EM.
+    init : MixtureFit, optional
+        Start EM from this mixture's weights, means and precisions (``n_components`` of them)
+        instead of k-means++ clusters: to refine a mixture on other rows, or a trained one.
     """
     n, d = x.shape
     if not 1 <= n_components <= n:
         raise ValueError(f"n_components must be in [1, {n}] for {n} rows, got {n_components}.")
     w = _normalised_weights(x, weights)
-    seeds = _kmeans_plus_plus(x, w, n_components, generator)
-    labels = _lloyd(x, w, seeds, n_lloyd)
-    log_w, means, prec, cov = _m_step(*_hard_statistics(x, w, labels, n_components), reg_covar)
+    if init is not None:
+        if init.means.shape != (n_components, d):
+            raise ValueError(
+                f"init has {init.n_components} components of {init.means.shape[1]} features; "
+                f"expected {n_components} of {d}."
+            )
+        log_w = torch.log(init.weights / init.weights.sum()).to(x)
+        means, prec = init.means.to(x), init.precisions_cholesky.to(x)
+        cov = init.covariances
+    else:
+        seeds = _kmeans_plus_plus(x, w, n_components, generator)
+        labels = _lloyd(x, w, seeds, n_lloyd)
+        log_w, means, prec, cov = _m_step(
+            *_hard_statistics(x, w, labels, n_components), reg_covar
+        )
     previous, converged, n_iter = -math.inf, False, 0
     while n_iter < max_iter and not converged:
         n_iter += 1
@@ -267,6 +285,24 @@ def fit_gaussian_mixture(
         torch.exp(log_w), means, prec, mean_ll, _bic(float(total), n_components, d, n), n_iter,
         converged, cov,
     )
+
+
+def refit_gaussian_mixture(
+    fit: MixtureFit,
+    x: Tensor,
+    weights: Tensor | None = None,
+    shrinkage: float = 0.0,
+    **kwargs,
+) -> MixtureFit:
+    """EM started from ``fit`` on the rows ``x`` (its number of components; ``reg_covar``
+    from :func:`data_reg_covar` of ``x`` unless given), then the covariances shrunk by
+    ``shrinkage`` (:func:`shrink_covariances`): ``fit`` moved to other rows, or a mixture
+    trained by gradient steps moved to the maximum-likelihood mixture nearest it."""
+    kwargs.setdefault("reg_covar", data_reg_covar(x, weights))
+    refitted = fit_gaussian_mixture(
+        x, fit.n_components, weights=weights, init=fit, **kwargs
+    )
+    return shrink_covariances(refitted, shrinkage, x, weights)
 
 
 def _bic(total: float, k: int, d: int, n: int) -> float:

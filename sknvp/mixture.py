@@ -36,6 +36,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .em import MixtureFit
+
 __all__ = ["GaussianMixtureBase", "standardized_residuals"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -135,6 +137,20 @@ class GaussianMixtureBase(nn.Module):
             torch.zeros(n_components, n_features, dtype=torch.float64),
             torch.eye(n_features, dtype=torch.float64).repeat(n_components, 1, 1),
         )
+
+    @classmethod
+    def from_fit(cls, fit: MixtureFit) -> GaussianMixtureBase:
+        """The mixture of an EM fit (:mod:`sknvp.em`), in the fit's dtype and device."""
+        return cls(fit.weights, fit.means, fit.precisions_cholesky)
+
+    def as_fit(self) -> MixtureFit:
+        """This mixture's current parameters as a :class:`~sknvp.em.MixtureFit` (detached;
+        its ``log_likelihood``, ``bic`` and ``n_iter`` are unknown: NaN, NaN, 0)."""
+        with torch.no_grad():
+            return MixtureFit(
+                torch.softmax(self.logits, 0).clone(), self.means.clone(),
+                self.precisions_cholesky().clone(), math.nan, math.nan, 0, True,
+            )
 
     @property
     def n_components(self) -> int:
