@@ -843,17 +843,20 @@ class RealNVPDensity(
         U_tr, w_tr = self._base_inputs(X, sample_weight, train_idx)
         U_va, w_va = self._base_inputs(X, sample_weight, valid_idx)
         trained = base.as_fit()
-        if result.best_epoch >= 0:  # trained couplings: EM must first earn its place
-            polished = refit_gaussian_mixture(trained, U_tr, w_tr, shrinkage)
-            if not (
-                mean_log_likelihood(polished, U_va, w_va)
-                > mean_log_likelihood(trained, U_va, w_va)
-            ):
-                return
-            trained = polished
-        final = refit_gaussian_mixture(
-            trained, torch.cat([U_tr, U_va]), torch.cat([w_tr, w_va]), shrinkage
-        )
+        try:
+            if result.best_epoch >= 0:  # trained couplings: EM must first earn its place
+                polished = refit_gaussian_mixture(trained, U_tr, w_tr, shrinkage)
+                if not (
+                    mean_log_likelihood(polished, U_va, w_va)
+                    > mean_log_likelihood(trained, U_va, w_va)
+                ):
+                    return
+                trained = polished
+            final = refit_gaussian_mixture(
+                trained, torch.cat([U_tr, U_va]), torch.cat([w_tr, w_va]), shrinkage
+            )
+        except torch.linalg.LinAlgError:  # a covariance EM made singular: keep the trained one
+            return
         if not math.isfinite(final.log_likelihood):
             return
         self.module_.base = GaussianMixtureBase.from_fit(final).to(U_tr)

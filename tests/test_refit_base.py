@@ -1,5 +1,6 @@
 """Refitting the mixture base by EM after training (``refit_base``), and the EM it uses."""
 
+import dataclasses
 import pickle
 import warnings
 
@@ -234,3 +235,22 @@ def test_old_pickles_say_their_base_was_not_refitted():
     fitted = RealNVPDensity(**FAST).fit(datasets.make_moons(300, random_state=0))
     del fitted.refit_base
     assert pickle.loads(pickle.dumps(fitted)).get_params()["refit_base"] is False
+
+
+@pytest.mark.parametrize("failure", ["singular", "nan"])
+def test_an_em_refit_that_fails_keeps_the_trained_mixture(failure, monkeypatch):
+    X = _gaussian(300, 20, 0)  # the EM start is kept: the refit is not gated
+    plain = RealNVPDensity(refit_base=False, random_state=0, max_iter=5, device="cpu").fit(X)
+    real = density_module.refit_gaussian_mixture
+
+    def failing(fit, x, weights=None, shrinkage=0.0, **kw):
+        if failure == "singular":
+            raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be "
+                                           "completed because the input is not positive-definite")
+        out = real(fit, x, weights, shrinkage, **kw)
+        return dataclasses.replace(out, log_likelihood=float("nan"))
+
+    monkeypatch.setattr(density_module, "refit_gaussian_mixture", failing)
+    est = RealNVPDensity(random_state=0, max_iter=5, device="cpu").fit(X)
+    torch.testing.assert_close(est.module_.state_dict(), plain.module_.state_dict())
+    assert np.all(np.isfinite(est.score_samples(X)))
