@@ -277,9 +277,10 @@ class RealNVPDensity(
         cancer it did not: EM's covariances fitted the mapped training rows too closely);
         where no epoch beat the EM start, the fitted model is that Gaussian mixture and it is
         always refitted. The covariances keep the shrinkage chosen for the EM start. It gave
-        +2.5 nats per row on 64-D digits and +0.5 to 1.2 on a 128-D mixture of 1,500 rows
+        +2.1 nats per row on 64-D digits and +0.5 to 1.2 on a 128-D mixture of 1,500 rows
         (see the benchmarks). ``best_validation_score_`` is the score before the refit, whose
-        EM has seen the validation rows. False keeps the trained mixture.
+        EM has seen the validation rows. Fresh fits only (not :meth:`partial_fit` or a
+        ``warm_start`` refit). False keeps the trained mixture.
     whiten : bool or "auto", default="auto"
         Start the flow with a fixed full-covariance whitening (the Cholesky factor of the
         training rows' correlation matrix, :class:`~sknvp.transforms.TriangularWhitening`)
