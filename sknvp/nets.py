@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
+from .piecewise import PiecewiseLinear, evaluate_table, piecewise_linear
+
 __all__ = ["ACTIVATIONS", "MLP", "make_activation", "tanh_"]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -39,6 +41,12 @@ class MLP(nn.Sequential):
 
     The last layer starts at zero, so a coupling built on it starts as the identity map.
 
+    With one input, ReLU or leaky-ReLU activations and autograd off (inference), the network
+    evaluates its piecewise-linear table (:mod:`sknvp.piecewise`) once enough rows have gone
+    through it with the same parameters: a binary search and a multiply-add per output instead
+    of its layers, the same function to rounding (5 times faster scoring of a 2-D flow of
+    2x128 conditioners). Hooks on its layers switch that off.
+
     Parameters
     ----------
     in_features, out_features : int
@@ -69,6 +77,10 @@ class MLP(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or x.requires_grad:
             return super().forward(x)
+        if x.dim() == 2 and x.shape[1] == 1:
+            table = self._piecewise_table(x)
+            if table is not None:
+                return evaluate_table(table, x)
         # Without autograd, activations run in place on the fresh output of the layer before
         # them: one less tensor the size of the hidden layer written and read per activation.
         for i, layer in enumerate(self):
@@ -81,6 +93,51 @@ class MLP(nn.Sequential):
             inplace = _INPLACE.get(type(layer)) if i > 0 else None
             x = inplace(layer, x) if inplace is not None else layer(x)
         return x
+
+
+    def _piecewise_table(self, x: Tensor) -> PiecewiseLinear | None:
+        """The network as its piecewise-linear table (:mod:`sknvp.piecewise`), for inference
+        on one input feature: built once ``_TABLE_AFTER_ROWS`` rows have been evaluated the
+        ordinary way with the same parameters (so a network that changes every few batches,
+        in training, is not tabulated), and kept until a parameter changes. None where the
+        network is not of that form, or has hooks the table would skip."""
+        key = (
+            tuple((p.data_ptr(), p._version) for p in self.parameters()), x.dtype, x.device
+        )
+        cache = self.__dict__.get("_piecewise_cache")
+        if cache is not None and cache[0] == key:
+            if cache[1] is not None:
+                return cache[1]
+            rows = cache[2] + x.shape[0]
+        else:
+            rows = x.shape[0]
+        table = None
+        if rows >= _TABLE_AFTER_ROWS and not _has_hooks(self):
+            table = piecewise_linear(self)
+            if table is not None:
+                table = table.to(device=x.device, dtype=x.dtype)
+            else:
+                rows = -(1 << 62)  # not tabulable: stop counting for these parameters
+        self.__dict__["_piecewise_cache"] = (key, table, rows)
+        return table
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_piecewise_cache", None)  # rebuilt on demand
+        return state
+
+
+# Rows a one-input MLP evaluates layer by layer, with unchanged parameters, before it builds
+# its piecewise-linear table (building one took 1-6 ms for 1x64 to 2x128 networks, the time
+# of 2,000 to 5,000 rows of their layers).
+_TABLE_AFTER_ROWS = 4_096
+
+
+def _has_hooks(net: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in net.modules()) or bool(
+        getattr(_torch_module, "_global_forward_hooks", None)
+        or getattr(_torch_module, "_global_forward_pre_hooks", None)
+    )
 
 
 def _is_plain_single_input_linear(layer: nn.Module) -> bool:
