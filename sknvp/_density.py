@@ -49,7 +49,8 @@ from .em import (
 from .flows import RealNVPFlow, _coupling_layers, build_realnvp, clip_conditioners
 from .masks import MASK_TYPES
 from .mixture import GaussianMixtureBase
-from .nets import ACTIVATIONS
+from .nets import ACTIVATIONS, MLP
+from .piecewise import is_piecewise_linear, use_tables
 from .transforms import Standardize, TriangularWhitening
 
 __all__ = ["RealNVPDensity"]
@@ -871,7 +872,7 @@ class RealNVPDensity(
                 self.module_.transform(
                     torch.as_tensor(X[idx[s]], dtype=torch.float64, device=device)
                 )[0]
-                for s in _row_chunks(len(idx), self._inference_rows())
+                for s in _row_chunks(len(idx), self._inference_rows(tables=False))
             ])
         w = torch.as_tensor(sample_weight[idx], dtype=torch.float64, device=device)
         return U, w
@@ -890,7 +891,7 @@ class RealNVPDensity(
         rows = np.flatnonzero(sample_weight > 0)
         batches = (
             torch.as_tensor(X[rows[s]], dtype=torch.float64, device=self.device_)
-            for s in _row_chunks(len(rows), self._inference_rows())
+            for s in _row_chunks(len(rows), self._inference_rows(tables=False))
         )
         clip_conditioners(self.module_, batches, keep_wider=previous is not None)
 
@@ -1020,12 +1021,18 @@ class RealNVPDensity(
 
     # ---------------------------------------------------------------- inference
 
-    def _inference_rows(self) -> int:
-        """Rows per inference chunk: cache-sized activations on CPU, large chunks elsewhere."""
+    def _inference_rows(self, tables: bool = True) -> int:
+        """Rows per inference chunk: cache-sized activations on CPU, large chunks elsewhere
+        (``tables``: the conditioners that inference evaluates as tables hold none)."""
         if self.device_.type != "cpu":
             return _INFERENCE_ROWS
         base = getattr(self.module_, "base", None)
         own = set() if base is None else {id(p) for p in base.parameters()}
+        if tables:
+            own |= {
+                id(p) for m in self.module_.modules()
+                if isinstance(m, MLP) and is_piecewise_linear(m) for p in m.parameters()
+            }
         widths = [
             p.shape[0] for p in self.module_.parameters() if p.ndim >= 2 and id(p) not in own
         ]
@@ -1051,7 +1058,10 @@ class RealNVPDensity(
         """The fitted flow in the inference dtype (``module_`` itself or a cached copy; below
         float64 a copy centred at 0, for rows minus :meth:`_inference_centre`)."""
         centred = self._inference_centre() is not None
-        return cast_module(self.module_, self._inference_dtype(), _zero_centre if centred else None)
+        module = cast_module(
+            self.module_, self._inference_dtype(), _zero_centre if centred else None
+        )
+        return use_tables(module)  # one-input conditioners as tables (sknvp.piecewise)
 
     def _map(self, fn, X, out_shape, *, shift_in=None, shift_out=None) -> np.ndarray:
         return map_batches(

@@ -464,7 +464,7 @@ class RealNVPImageDensity(RealNVPDensity):
 
     # ---------------------------------------------------------------- inference
 
-    def _inference_rows(self) -> int:
+    def _inference_rows(self, tables: bool = True) -> int:
         return max(1, _INFERENCE_VALUES // self.n_features_in_)
 
     def _validated(self, X) -> np.ndarray:

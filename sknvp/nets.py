@@ -41,11 +41,12 @@ class MLP(nn.Sequential):
 
     The last layer starts at zero, so a coupling built on it starts as the identity map.
 
-    With one input, ReLU or leaky-ReLU activations and autograd off (inference), the network
-    evaluates its piecewise-linear table (:mod:`sknvp.piecewise`) once enough rows have gone
-    through it with the same parameters: a binary search and a multiply-add per output instead
-    of its layers, the same function to rounding (5 times faster scoring of a 2-D flow of
-    2x128 conditioners). Hooks on its layers switch that off.
+    With one input, ReLU or leaky-ReLU activations and autograd off, a network that
+    :func:`sknvp.piecewise.use_tables` switched on evaluates its piecewise-linear table: a
+    binary search and a multiply-add per output instead of its layers, the same function to
+    rounding (5 times faster scoring of a 2-D flow of 2x128 conditioners).
+    :class:`~sknvp.RealNVPDensity` does so for inference; training never does. Hooks on its
+    layers switch it off.
 
     Parameters
     ----------
@@ -96,41 +97,33 @@ class MLP(nn.Sequential):
 
 
     def _piecewise_table(self, x: Tensor) -> PiecewiseLinear | None:
-        """The network as its piecewise-linear table (:mod:`sknvp.piecewise`), for inference
-        on one input feature: built once ``_TABLE_AFTER_ROWS`` rows have been evaluated the
-        ordinary way with the same parameters (so a network that changes every few batches,
-        in training, is not tabulated), and kept until a parameter changes. None where the
-        network is not of that form, or has hooks the table would skip."""
-        key = (
-            tuple((p.data_ptr(), p._version) for p in self.parameters()), x.dtype, x.device
-        )
+        """The network as its piecewise-linear table (:mod:`sknvp.piecewise`) for inference
+        on one input feature, where :func:`~sknvp.piecewise.use_tables` switched tables on:
+        built on first use and kept while the parameters stay the same tensors with the same
+        version counters and the same sums (fused optimizer kernels update parameters
+        without bumping their versions). None where the network is not of that form, or has
+        hooks the table would skip."""
+        if not self.__dict__.get("_use_tables") or _has_hooks(self):
+            return None
+        params = list(self.parameters())
+        with torch.no_grad():
+            sums = torch.stack([p.sum(dtype=torch.float64) for p in params]).cpu()
+        key = (tuple((p.data_ptr(), p._version) for p in params), x.dtype, x.device)
         cache = self.__dict__.get("_piecewise_cache")
-        if cache is not None and cache[0] == key:
-            if cache[1] is not None:
-                return cache[1]
-            rows = cache[2] + x.shape[0]
-        else:
-            rows = x.shape[0]
-        table = None
-        if rows >= _TABLE_AFTER_ROWS and not _has_hooks(self):
-            table = piecewise_linear(self)
-            if table is not None:
-                table = table.to(device=x.device, dtype=x.dtype)
-            else:
-                rows = -(1 << 62)  # not tabulable: stop counting for these parameters
-        self.__dict__["_piecewise_cache"] = (key, table, rows)
+        if cache is not None and cache[0] == key and torch.equal(cache[1], sums):
+            return cache[2]
+        table = piecewise_linear(self)
+        if table is not None:
+            table = table.to(device=x.device, dtype=x.dtype)
+        self.__dict__["_piecewise_cache"] = (key, sums, table)
         return table
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_piecewise_cache", None)  # rebuilt on demand
+        # Neither travels: a copy that trains must run its layers, and tables are rebuilt.
+        state.pop("_piecewise_cache", None)
+        state.pop("_use_tables", None)
         return state
-
-
-# Rows a one-input MLP evaluates layer by layer, with unchanged parameters, before it builds
-# its piecewise-linear table (building one took 1-6 ms for 1x64 to 2x128 networks, the time
-# of 2,000 to 5,000 rows of their layers).
-_TABLE_AFTER_ROWS = 4_096
 
 
 def _has_hooks(net: nn.Module) -> bool:

@@ -11,7 +11,8 @@ search and one multiply-add per output, where the layers themselves take
 to rounding.
 
 :func:`piecewise_linear` builds the table (pure torch, float64) and :func:`evaluate_table`
-uses it; :class:`~sknvp.nets.MLP` does both by itself during inference.
+uses it. :func:`use_tables` lets every :class:`~sknvp.nets.MLP` of a module do both by itself
+when autograd is off; :class:`~sknvp.RealNVPDensity` switches it on for inference.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PiecewiseLinear", "evaluate_table", "is_piecewise_linear", "piecewise_linear"]
+__all__ = [
+    "PiecewiseLinear", "evaluate_table", "is_piecewise_linear", "piecewise_linear", "use_tables",
+]
 
 
 @dataclass(frozen=True)
@@ -155,3 +158,28 @@ def evaluate_table(table: PiecewiseLinear, x: Tensor) -> Tensor:
         table = table.to(dtype=x.dtype)
     offset = (col - table.starts[piece])[:, None]
     return torch.addcmul(table.values[piece], table.slopes[piece], offset)
+
+
+def use_tables(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Let every :class:`~sknvp.nets.MLP` in ``module`` evaluate its piecewise-linear table
+    whenever autograd is off and it is fed one input feature (or stop, with ``enabled=False``);
+    returns ``module``. Networks of another form keep running their layers. The switch is not
+    copied or pickled with the module: a copy, which may be trained, runs its layers until
+    switched on itself. Tables are rebuilt whenever a parameter changed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sknvp.nets import MLP
+    >>> from sknvp.piecewise import use_tables
+    >>> net = use_tables(MLP(1, 2, (8,)))
+    >>> with torch.no_grad():
+    ...     net(torch.zeros(3, 1)).shape
+    torch.Size([3, 2])
+    """
+    for m in module.modules():
+        if hasattr(m, "_piecewise_table"):
+            m.__dict__["_use_tables"] = bool(enabled)
+            if not enabled:
+                m.__dict__.pop("_piecewise_cache", None)
+    return module

@@ -14,7 +14,7 @@ from strategies import seeds
 
 from sknvp import RealNVPDensity, datasets, nets
 from sknvp.nets import MLP
-from sknvp.piecewise import evaluate_table, is_piecewise_linear, piecewise_linear
+from sknvp.piecewise import evaluate_table, is_piecewise_linear, piecewise_linear, use_tables
 
 
 def _random_mlp(hidden, outputs, activation, seed, dtype=torch.float64):
@@ -32,11 +32,6 @@ def _random_mlp(hidden, outputs, activation, seed, dtype=torch.float64):
 def _direct(net, x):
     with torch.no_grad():
         return torch.nn.Sequential.forward(net, x)
-
-
-@pytest.fixture
-def always_tabulate(monkeypatch):
-    monkeypatch.setattr(nets, "_TABLE_AFTER_ROWS", 0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -99,9 +94,8 @@ def test_too_many_pieces_give_no_table():
     assert piecewise_linear(net, max_pieces=4) is None
 
 
-def test_mlp_inference_uses_the_table_and_follows_parameter_changes(always_tabulate,
-                                                                    monkeypatch):
-    net = _random_mlp((16, 16), 2, "relu", 1)
+def test_mlp_inference_uses_the_table_and_follows_parameter_changes(monkeypatch):
+    net = use_tables(_random_mlp((16, 16), 2, "relu", 1))
     calls = []
     real = nets.evaluate_table
     monkeypatch.setattr(nets, "evaluate_table", lambda t, x: calls.append(len(x)) or real(t, x))
@@ -125,23 +119,63 @@ def test_mlp_inference_uses_the_table_and_follows_parameter_changes(always_tabul
     assert calls == [] and x.grad is not None
 
 
-def test_the_table_waits_for_enough_rows_with_the_same_parameters(monkeypatch):
-    monkeypatch.setattr(nets, "_TABLE_AFTER_ROWS", 1000)
+def test_only_switched_on_networks_use_tables(monkeypatch):
+    calls = []
+    real = nets.evaluate_table
+    monkeypatch.setattr(nets, "evaluate_table", lambda t, x: calls.append(len(x)) or real(t, x))
     net = _random_mlp((8,), 2, "relu", 2)
-    x = torch.zeros(400, 1, dtype=torch.float64)
+    x = torch.zeros(40, 1, dtype=torch.float64)
     with torch.no_grad():
         net(x)
+        assert calls == []
+        use_tables(net)
         net(x)
-        assert net.__dict__["_piecewise_cache"][1] is None  # 800 rows: not yet
+        assert calls == [40]
+        use_tables(net, enabled=False)
         net(x)
-        assert net.__dict__["_piecewise_cache"][1] is not None
-        net[0].bias.add_(1.0)
-        net(x)
-        assert net.__dict__["_piecewise_cache"][1] is None  # new parameters: count again
+        assert calls == [40] and "_piecewise_cache" not in net.__dict__
 
 
-def test_hooks_keep_the_layers(always_tabulate):
-    net = _random_mlp((8,), 2, "relu", 3)
+def test_tables_follow_a_fused_adam_step_that_keeps_version_counters():
+    """torch's fused Adam kernel updates parameters in place without bumping their version
+    counters: a cache keyed on versions alone served the old table after training steps
+    (found as a benchmark fit whose validation scores stopped moving)."""
+    net = use_tables(_random_mlp((16,), 2, "relu", 5, dtype=torch.float32))
+    opt = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
+    x = torch.linspace(-3, 3, 101)[:, None]
+    with torch.no_grad():
+        before = net(x)
+    versions = [p._version for p in net.parameters()]
+    net(x).square().sum().backward()
+    opt.step()
+    assert [p._version for p in net.parameters()] == versions  # the kernel's behaviour
+    with torch.no_grad():
+        after = net(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, _direct(net, x), rtol=1e-5, atol=1e-5)
+
+
+def test_training_never_uses_tables(monkeypatch):
+    """A fit runs its layers in every validation pass: the same fit as with tables unbuildable,
+    down to the validation scores, after scoring has switched the fitted flow's tables on."""
+    X = datasets.make_moons(3000, noise=0.05, random_state=0)
+    params = {"hidden_layer_sizes": (16,), "n_couplings": 4, "max_iter": 6, "batch_size": 256,
+              "random_state": 0, "device": "cpu", "warm_start": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = RealNVPDensity(**params).fit(X)
+        est.score_samples(X)  # switches module_'s tables on
+        est.fit(X)  # a warm refit trains a copy of module_
+        monkeypatch.setattr(nets, "piecewise_linear", lambda net: None)
+        ref = RealNVPDensity(**params).fit(X)
+        ref.score_samples(X)
+        ref.fit(X)
+    assert est.validation_scores_ == ref.validation_scores_
+    assert est.loss_curve_ == ref.loss_curve_
+
+
+def test_hooks_keep_the_layers():
+    net = use_tables(_random_mlp((8,), 2, "relu", 3))
     seen = []
     net[2].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     with torch.no_grad():
@@ -149,14 +183,15 @@ def test_hooks_keep_the_layers(always_tabulate):
     assert seen == [torch.Size([10, 2])]
 
 
-def test_copies_and_pickles_leave_the_table_behind(always_tabulate):
-    net = _random_mlp((8,), 2, "relu", 4)
+def test_copies_and_pickles_leave_the_table_and_the_switch_behind():
+    net = use_tables(_random_mlp((8,), 2, "relu", 4))
     x = torch.linspace(-2, 2, 50, dtype=torch.float64)[:, None]
     with torch.no_grad():
         expected = net(x)
     assert "_piecewise_cache" in net.__dict__
     for other in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
         assert "_piecewise_cache" not in other.__dict__
+        assert "_use_tables" not in other.__dict__
         with torch.no_grad():
             torch.testing.assert_close(other(x), expected, rtol=0, atol=1e-12)
 
@@ -169,24 +204,21 @@ def test_a_two_d_estimator_scores_and_samples_as_without_tables(
     X = datasets.make_moons(1500, noise=0.05, random_state=0)
     far = np.array([[40.0, -30.0], [-25.0, 60.0]])  # beyond the clipped ranges
     rows = np.vstack([datasets.make_moons(5000, noise=0.05, random_state=1), far])
-    monkeypatch.setattr(nets, "_TABLE_AFTER_ROWS", 1 << 62)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est = RealNVPDensity(activation=activation, max_iter=5, random_state=0,
                              inference_dtype=inference_dtype, device="cpu").fit(X)
-    results = []
-    for after in (1 << 62, 0):
-        monkeypatch.setattr(nets, "_TABLE_AFTER_ROWS", after)
-        est = pickle.loads(pickle.dumps(est))  # no cached tables or casts
-        results.append((est.score_samples(rows), est.sample(3000, random_state=1),
-                        est.transform(rows)))
+    with_tables = (est.score_samples(rows), est.sample(3000, random_state=1),
+                   est.transform(rows), est.inverse_transform(est.transform(rows[:50])))
     assert all(
-        m.__dict__.get("_piecewise_cache", (0, None))[1] is not None
+        m.__dict__.get("_piecewise_cache", (0, 0, None))[2] is not None
         for m in est._inference_module().modules() if isinstance(m, MLP)
     )
-    (s0, x0, z0), (s1, x1, z1) = results
+    monkeypatch.setattr(nets, "piecewise_linear", lambda net: None)
+    est = pickle.loads(pickle.dumps(est))  # no cached tables or casts
+    without = (est.score_samples(rows), est.sample(3000, random_state=1),
+               est.transform(rows), est.inverse_transform(est.transform(rows[:50])))
     tol = {"rtol": 1e-10, "atol": 1e-9} if inference_dtype == "float64" else {
         "rtol": 1e-4, "atol": 1e-4}
-    np.testing.assert_allclose(s1, s0, **tol)
-    np.testing.assert_allclose(x1, x0, **tol)
-    np.testing.assert_allclose(z1, z0, **tol)
+    for a, b in zip(with_tables, without, strict=True):
+        np.testing.assert_allclose(a, b, **tol)
