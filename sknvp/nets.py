@@ -140,10 +140,7 @@ def _is_plain_single_input_linear(layer: nn.Module) -> bool:
         type(layer) is nn.Linear
         and layer.in_features == 1
         and layer.bias is not None
-        and not layer._forward_hooks
-        and not layer._forward_pre_hooks
-        and not getattr(_torch_module, "_global_forward_hooks", None)
-        and not getattr(_torch_module, "_global_forward_pre_hooks", None)
+        and not _has_hooks(layer)
     )
 
 

@@ -139,8 +139,7 @@ def _split_at_sign_changes(breaks: Tensor, A: Tensor, C: Tensor):
     """Add the points where a unit of some piece crosses zero inside that piece."""
     lo = torch.cat([breaks.new_tensor([-torch.inf]), breaks])[:, None]
     hi = torch.cat([breaks, breaks.new_tensor([torch.inf])])[:, None]
-    with torch.no_grad():
-        roots = -C / torch.where(A == 0, torch.ones_like(A), A)
+    roots = -C / torch.where(A == 0, torch.ones_like(A), A)
     inside = (A != 0) & (roots > lo) & (roots < hi) & torch.isfinite(roots)
     new = torch.cat([breaks, roots[inside]])
     new = torch.unique(new)  # sorted
