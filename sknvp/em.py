@@ -43,7 +43,10 @@ __all__ = [
 ]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-_SMALL_SIZES = 10  # select_gaussian_mixture tries every size up to this, from n_init starts
+_SMALL_SIZES = 10  # select_gaussian_mixture's n_init starts, and sizes it tries if cheap
+# ... cheap: rows x features^2 x (1 + 2 + ... + 10) at most this (2-D: 10^6 rows; 10-D and
+# 20,000 rows: 1.1e8 -> not; 64-D and 12,207 rows would take 80 CPU s instead of 11)
+_SMALL_SEARCH_BUDGET = 10**8
 _CHUNK_VALUES = 2**20  # rows x components x features per E-step chunk
 SHRINKAGE_GRID = (0.0, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -410,16 +413,20 @@ def select_gaussian_mixture(
     smallest size within one standard error of the best score (on few validation rows the
     best score is noisy, and a larger mixture more often overfits than not). Without them it
     is the lowest BIC. The search stops after ``patience`` sizes in a row without a better
-    score, once it has tried every size up to 10 and at least twice the best size so far
-    (scores can plateau: on two rings, three to seven components may all settle on one
-    blurred annulus before eight or more trace the rings). It never tries more than ``max_components`` components nor more
+    score, once it has tried at least twice the best size so far and, where that is cheap
+    (rows x features² x 55 at most 10⁸: 2-D up to 450,000 rows, 10-D up to 18,000), every
+    size up to 10 (scores can plateau: on two rings, three to seven components may all
+    settle on one blurred annulus before eight or more trace the rings). It never tries more than ``max_components`` components nor more
     than one per ``n_features + 1`` rows (fewer rows than that leave a full covariance
     singular, and its density a spike that neither criterion reliably rejects). Sizes up to
     10 (where a poor start costs most) are fitted from ``n_init`` k-means++ starts each,
     keeping the likelier fit on ``x``; larger sizes from one. Other keyword arguments go to
     :func:`fit_gaussian_mixture`.
     """
-    cap = min(max_components, max_mixture_size(*x.shape))
+    n, d = x.shape
+    cap = min(max_components, max_mixture_size(n, d))
+    small_sizes = _SMALL_SIZES * (_SMALL_SIZES + 1) // 2
+    at_least = _SMALL_SIZES if n * d * d * small_sizes <= _SMALL_SEARCH_BUDGET else 0
     fits, per_row = [], []
     best_score, best_k, since = -math.inf, 1, 0
     w_valid = None if x_valid is None else _normalised_weights(x_valid, w_valid)
@@ -438,7 +445,7 @@ def select_gaussian_mixture(
             best_score, best_k, since = score, k, 0
         else:
             since += 1
-            if since >= patience and k >= max(2 * best_k, _SMALL_SIZES):
+            if since >= patience and k >= max(2 * best_k, at_least):
                 break
     if x_valid is None:
         return min(fits, key=lambda f: f.bic)
