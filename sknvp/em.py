@@ -1,7 +1,7 @@
 r"""Expectation-maximisation for full-covariance Gaussian mixtures, with BIC model selection.
 
 What a :class:`~sknvp.mixture.GaussianMixtureBase` starts from: :func:`fit_gaussian_mixture`
-fits one size (greedy k-means++ seeding, a few Lloyd steps, then EM), :func:`select_gaussian_mixture`
+fits one size (k-means++ seeding, a few Lloyd steps, then EM), :func:`select_gaussian_mixture`
 tries sizes 1, 2, 3, ... and keeps the one with the best held-out log-likelihood on
 validation rows, or without them the lowest Bayesian information criterion,
 
@@ -43,10 +43,7 @@ __all__ = [
 ]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-_SMALL_SIZES = 10  # select_gaussian_mixture's n_init starts, and sizes it tries if cheap
-# ... cheap: rows x features^2 x (1 + 2 + ... + 10) at most this (2-D: 10^6 rows; 10-D and
-# 20,000 rows: 1.1e8 -> not; 64-D and 12,207 rows would take 80 CPU s instead of 11)
-_SMALL_SEARCH_BUDGET = 10**8
+_MULTI_START_SIZES = 10  # select_gaussian_mixture's n_init starts for sizes up to this
 _CHUNK_VALUES = 2**20  # rows x components x features per E-step chunk
 SHRINKAGE_GRID = (0.0, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -95,24 +92,17 @@ def max_mixture_size(n_rows: int, n_features: int) -> int:
 
 
 def _kmeans_plus_plus(x: Tensor, w: Tensor, k: int, generator) -> Tensor:
-    """Greedy k-means++ seeds (Arthur & Vassilvitskii, 2007; the greedy variant scikit-learn's
-    ``kmeans_plusplus`` uses): each new seed is the best, by the weighted sum of squared
-    distances to the nearest seed it leaves, of ``2 + log k`` rows drawn with probability
-    proportional to weight times the squared distance to the nearest seed so far. (One draw
-    per seed put two seeds in one cluster and none in another about half the time on the
-    benchmark's 10-D mixture of five, a local optimum EM does not leave.)"""
-    trials = 2 + int(math.log(k))
+    """Seeds drawn one at a time with probability proportional to weight times the squared
+    distance to the nearest seed so far (Arthur & Vassilvitskii, 2007)."""
     first = torch.multinomial(w, 1, generator=generator)
     centers = [x[first[0]]]
     nearest = ((x - centers[0]) ** 2).sum(1)
     for _ in range(1, k):
         p = w * nearest
         p = p if bool(p.sum() > 0) else w  # every row sits on a seed already
-        candidates = torch.multinomial(p, trials, replacement=True, generator=generator)
-        left = torch.minimum(nearest, torch.cdist(x[candidates], x).square_().clamp_min_(0.0))
-        best = int(torch.argmin(left @ w))
-        centers.append(x[candidates[best]])
-        nearest = left[best]
+        i = torch.multinomial(p, 1, generator=generator)[0]
+        centers.append(x[i])
+        nearest = torch.minimum(nearest, ((x - x[i]) ** 2).sum(1))
     return torch.stack(centers)
 
 
@@ -279,10 +269,12 @@ def fit_gaussian_mixture(
             for _ in range(n_init)
         ]
         # max keeps the first of equals; a NaN log-likelihood never wins.
-        return max(
-            fits, key=lambda f: -math.inf if math.isnan(f.log_likelihood) else f.log_likelihood
-        )
+        return max(fits, key=_likelihood_or_minus_inf)
     return _fit_once(x, n_components, w, generator, reg_covar, tol, max_iter, n_lloyd, init)
+
+
+def _likelihood_or_minus_inf(fit: MixtureFit) -> float:
+    return -math.inf if math.isnan(fit.log_likelihood) else fit.log_likelihood
 
 
 def _fit_once(x, n_components, w, generator, reg_covar, tol, max_iter, n_lloyd, init):
@@ -300,7 +292,9 @@ def _fit_once(x, n_components, w, generator, reg_covar, tol, max_iter, n_lloyd, 
     else:
         seeds = _kmeans_plus_plus(x, w, n_components, generator)
         labels = _lloyd(x, w, seeds, n_lloyd)
-        log_w, means, prec, cov = _m_step(*_hard_statistics(x, w, labels, n_components), reg_covar)
+        log_w, means, prec, cov = _m_step(
+            *_hard_statistics(x, w, labels, n_components), reg_covar
+        )
     previous, converged, n_iter = -math.inf, False, 0
     while n_iter < max_iter and not converged:
         n_iter += 1
@@ -313,14 +307,8 @@ def _fit_once(x, n_components, w, generator, reg_covar, tol, max_iter, n_lloyd, 
     total = _statistics(x, w, log_w, means, prec)[3]
     mean_ll = float(total) / n
     return MixtureFit(
-        torch.exp(log_w),
-        means,
-        prec,
-        mean_ll,
-        _bic(float(total), n_components, d, n),
-        n_iter,
-        converged,
-        cov,
+        torch.exp(log_w), means, prec, mean_ll, _bic(float(total), n_components, d, n), n_iter,
+        converged, cov,
     )
 
 
@@ -336,7 +324,9 @@ def refit_gaussian_mixture(
     ``shrinkage`` (:func:`shrink_covariances`): ``fit`` moved to other rows, or a mixture
     trained by gradient steps moved to the maximum-likelihood mixture nearest it."""
     kwargs.setdefault("reg_covar", data_reg_covar(x, weights))
-    refitted = fit_gaussian_mixture(x, fit.n_components, weights=weights, init=fit, **kwargs)
+    refitted = fit_gaussian_mixture(
+        x, fit.n_components, weights=weights, init=fit, **kwargs
+    )
     return shrink_covariances(refitted, shrinkage, x, weights)
 
 
@@ -365,12 +355,10 @@ def log_likelihoods(fit: MixtureFit, x: Tensor) -> Tensor:
 
 def _row_log_likelihoods(x: Tensor, log_w: Tensor, means: Tensor, prec: Tensor) -> Tensor:
     k, d = means.shape
-    return torch.cat(
-        [
-            torch.logsumexp(_log_prob_components(x[s], log_w, means, prec), 1)
-            for s in _chunks(x.shape[0], k, d)
-        ]
-    )
+    return torch.cat([
+        torch.logsumexp(_log_prob_components(x[s], log_w, means, prec), 1)
+        for s in _chunks(x.shape[0], k, d)
+    ])
 
 
 def mean_log_likelihood(fit: MixtureFit, x: Tensor, weights: Tensor | None = None) -> float:
@@ -413,25 +401,21 @@ def select_gaussian_mixture(
     smallest size within one standard error of the best score (on few validation rows the
     best score is noisy, and a larger mixture more often overfits than not). Without them it
     is the lowest BIC. The search stops after ``patience`` sizes in a row without a better
-    score, once it has tried at least twice the best size so far and, where that is cheap
-    (rows x features² x 55 at most 10⁸: 2-D up to 450,000 rows, 10-D up to 18,000), every
-    size up to 10 (scores can plateau: on two rings, three to seven components may all
-    settle on one blurred annulus before eight or more trace the rings). It never tries more than ``max_components`` components nor more
+    score, once it has tried at least twice the best size so far (scores can plateau: on two
+    rings, four to seven components may all settle on one blurred annulus before eight or
+    more trace the rings). It never tries more than ``max_components`` components nor more
     than one per ``n_features + 1`` rows (fewer rows than that leave a full covariance
     singular, and its density a spike that neither criterion reliably rejects). Sizes up to
     10 (where a poor start costs most) are fitted from ``n_init`` k-means++ starts each,
     keeping the likelier fit on ``x``; larger sizes from one. Other keyword arguments go to
     :func:`fit_gaussian_mixture`.
     """
-    n, d = x.shape
-    cap = min(max_components, max_mixture_size(n, d))
-    small_sizes = _SMALL_SIZES * (_SMALL_SIZES + 1) // 2
-    at_least = _SMALL_SIZES if n * d * d * small_sizes <= _SMALL_SEARCH_BUDGET else 0
+    cap = min(max_components, max_mixture_size(*x.shape))
     fits, per_row = [], []
     best_score, best_k, since = -math.inf, 1, 0
     w_valid = None if x_valid is None else _normalised_weights(x_valid, w_valid)
     for k in mixture_sizes(cap):
-        starts = n_init if k <= _SMALL_SIZES else 1
+        starts = n_init if k <= _MULTI_START_SIZES else 1
         fit = fit_gaussian_mixture(
             x, k, weights=weights, generator=generator, n_init=starts, **kwargs
         )
@@ -445,7 +429,7 @@ def select_gaussian_mixture(
             best_score, best_k, since = score, k, 0
         else:
             since += 1
-            if since >= patience and k >= max(2 * best_k, at_least):
+            if since >= patience and k >= 2 * best_k:
                 break
     if x_valid is None:
         return min(fits, key=lambda f: f.bic)
@@ -494,12 +478,8 @@ def shrink_covariances(
     w = _normalised_weights(x, weights)
     total = float((_row_log_likelihoods(x, torch.log(fit.weights), fit.means, prec) * w).sum())
     return replace(
-        fit,
-        precisions_cholesky=prec,
-        covariances=cov,
-        shrinkage=float(rho),
-        log_likelihood=total / n,
-        bic=_bic(total, fit.n_components, d, n),
+        fit, precisions_cholesky=prec, covariances=cov, shrinkage=float(rho),
+        log_likelihood=total / n, bic=_bic(total, fit.n_components, d, n),
     )
 
 
