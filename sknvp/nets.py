@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
-from .piecewise import PiecewiseLinear, evaluate_table, piecewise_linear
+from .piecewise import PiecewiseLinear, evaluate_table, is_piecewise_linear, piecewise_linear
 
 __all__ = ["ACTIVATIONS", "MLP", "make_activation", "tanh_"]
 
@@ -95,7 +95,6 @@ class MLP(nn.Sequential):
             x = inplace(layer, x) if inplace is not None else layer(x)
         return x
 
-
     def _piecewise_table(self, x: Tensor) -> PiecewiseLinear | None:
         """The network as its piecewise-linear table (:mod:`sknvp.piecewise`) for inference
         on one input feature, where :func:`~sknvp.piecewise.use_tables` switched tables on:
@@ -103,11 +102,13 @@ class MLP(nn.Sequential):
         version counters and the same sums (fused optimizer kernels update parameters
         without bumping their versions). None where the network is not of that form, or has
         hooks the table would skip."""
-        if not self.__dict__.get("_use_tables") or _has_hooks(self):
+        if not self.__dict__.get("_use_tables") or not is_piecewise_linear(self):
+            return None  # (checked before the parameter sums: tanh nets never pay for them)
+        if _has_hooks(self):
             return None
+        # forward() comes here with autograd off only
         params = list(self.parameters())
-        with torch.no_grad():
-            sums = torch.stack([p.sum(dtype=torch.float64) for p in params]).cpu()
+        sums = torch.stack([p.sum(dtype=torch.float64) for p in params]).cpu()
         key = (tuple((p.data_ptr(), p._version) for p in params), x.dtype, x.device)
         cache = self.__dict__.get("_piecewise_cache")
         if cache is not None and cache[0] == key and torch.equal(cache[1], sums):

@@ -222,3 +222,15 @@ def test_a_two_d_estimator_scores_and_samples_as_without_tables(
         "rtol": 1e-4, "atol": 1e-4}
     for a, b in zip(with_tables, without, strict=True):
         np.testing.assert_allclose(a, b, **tol)
+
+
+def test_a_network_that_is_not_piecewise_linear_skips_the_table_check_entirely():
+    # tanh conditioners run their layers; with tables switched on they must not pay for the
+    # per-call parameter sums that key the cache of tabulable networks
+    net = use_tables(MLP(1, 2, (8,), activation="tanh"))
+    x = torch.linspace(-2, 2, 5)[:, None]
+    with torch.no_grad():
+        out = net(x)
+    assert "_piecewise_cache" not in net.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(out, use_tables(net, enabled=False)(x))
