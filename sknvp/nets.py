@@ -84,9 +84,9 @@ class MLP(nn.Sequential):
                 return evaluate_table(table, x)
         # Without autograd, activations run in place on the fresh output of the layer before
         # them: one less tensor the size of the hidden layer written and read per activation.
-        on_cpu = x.device.type == "cpu"
+        matrix_on_cpu = x.device.type == "cpu" and x.dim() == 2  # (nn.Linear takes any rank)
         for i, layer in enumerate(self):
-            if on_cpu and _is_plain_linear(layer):
+            if matrix_on_cpu and _is_plain_linear(layer):
                 if layer.in_features == 1:
                     # One input feature (the coupling of 2-D data): the layer is an outer
                     # product plus the bias, which addcmul computes 2-2.5x faster than the

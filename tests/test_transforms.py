@@ -213,6 +213,24 @@ def test_mlp_inference_path_matches_autograd_path_and_leaves_the_input(activatio
 
 
 @pytest.mark.parametrize("n_in", [1, 3])
+@pytest.mark.parametrize("batch_shape", [(), (2, 5)])
+def test_mlp_inference_path_takes_any_rank_like_linear(n_in, batch_shape):
+    # nn.Linear maps the last dimension of a tensor of any rank; the no-grad shortcuts
+    # (addcmul, product plus bias) are for matrices only. A single vector once came back as
+    # a 1-row matrix, and a 3-D batch raised.
+    torch.manual_seed(0)
+    net = MLP(n_in, 4, (8, 6), "relu")
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(*batch_shape, n_in)
+    want = net(x).detach()
+    with torch.no_grad():
+        got = net(x)
+    assert got.shape == (*batch_shape, 4)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in", [1, 3])
 @pytest.mark.parametrize("layer", [0, 2, 4])
 def test_mlp_linear_shortcuts_keep_a_layers_hooks(n_in, layer):
     # The addcmul and product-plus-bias shortcuts bypass the module call; with a hook on
