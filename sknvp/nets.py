@@ -76,7 +76,8 @@ class MLP(nn.Sequential):
         super().__init__(*layers, last)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or x.requires_grad:
+        # The table and the shortcuts below do not call the layers, so hooks would not run.
+        if torch.is_grad_enabled() or x.requires_grad or _has_hooks(self):
             return super().forward(x)
         if x.dim() == 2 and x.shape[1] == 1:
             table = self._piecewise_table(x)
@@ -109,13 +110,10 @@ class MLP(nn.Sequential):
         on one input feature, where :func:`~sknvp.piecewise.use_tables` switched tables on:
         built on first use and kept while the parameters stay the same tensors with the same
         version counters and the same sums (fused optimizer kernels update parameters
-        without bumping their versions). None where the network is not of that form, or has
-        hooks the table would skip."""
+        without bumping their versions). None where the network is not of that form."""
         if not self.__dict__.get("_use_tables") or not is_piecewise_linear(self):
             return None  # (checked before the parameter sums: tanh nets never pay for them)
-        if _has_hooks(self):
-            return None
-        # forward() comes here with autograd off only
+        # forward() comes here with autograd off and no hooks only
         params = list(self.parameters())
         sums = torch.stack([p.sum(dtype=torch.float64) for p in params]).cpu()
         key = (tuple((p.data_ptr(), p._version) for p in params), x.dtype, x.device)
@@ -144,9 +142,8 @@ def _has_hooks(net: nn.Module) -> bool:
 
 
 def _is_plain_linear(layer: nn.Module) -> bool:
-    # Exactly nn.Linear (not a subclass with its own forward), with a bias and no hooks, its
-    # own or global (the shortcuts do not call the module, so hooks would not run).
-    return type(layer) is nn.Linear and layer.bias is not None and not _has_hooks(layer)
+    # Exactly nn.Linear (not a subclass with its own forward), with a bias.
+    return type(layer) is nn.Linear and layer.bias is not None
 
 
 def tanh_(x: Tensor) -> Tensor:

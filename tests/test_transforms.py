@@ -231,10 +231,11 @@ def test_mlp_inference_path_takes_any_rank_like_linear(n_in, batch_shape):
 
 
 @pytest.mark.parametrize("n_in", [1, 3])
-@pytest.mark.parametrize("layer", [0, 2, 4])
-def test_mlp_linear_shortcuts_keep_a_layers_hooks(n_in, layer):
-    # The addcmul and product-plus-bias shortcuts bypass the module call; with a hook on
-    # the layer they must not, and the hook's output is what the network goes on with.
+@pytest.mark.parametrize("layer", [0, 1, 2, 3, 4])
+def test_mlp_inference_shortcuts_keep_a_layers_hooks(n_in, layer):
+    # The addcmul, product-plus-bias and in-place activation shortcuts bypass the module
+    # call; with a hook on any layer they must not, and the hook's output is what the
+    # network goes on with.
     torch.manual_seed(0)
     net = MLP(n_in, 2, (8, 6), "relu")
     for p in net.parameters():
@@ -248,7 +249,7 @@ def test_mlp_linear_shortcuts_keep_a_layers_hooks(n_in, layer):
     net[layer].register_forward_hook(hook)
     with torch.no_grad():
         got = net(torch.randn(5, n_in))
-    widths = {0: 8, 2: 6, 4: 2}
+    widths = {0: 8, 1: 8, 2: 6, 3: 6, 4: 2}
     assert seen == [torch.Size([5, widths[layer]])] and got.shape == (5, 2)
     if layer == 4:
         assert torch.equal(got, torch.zeros(5, 2))
