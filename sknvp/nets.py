@@ -45,8 +45,10 @@ class MLP(nn.Sequential):
     :func:`sknvp.piecewise.use_tables` switched on evaluates its piecewise-linear table: a
     binary search and a multiply-add per output instead of its layers, the same function to
     rounding (5 times faster scoring of a 2-D flow of 2x128 conditioners).
-    :class:`~sknvp.RealNVPDensity` does so for inference; training never does. Hooks on its
-    layers switch it off.
+    :class:`~sknvp.RealNVPDensity` does so for inference; training never does. Without
+    autograd on CPU, other networks run their layers as fused shortcuts (in-place
+    activations, the bias added in place). A hook on the network, any of its layers or
+    global switches the table and the shortcuts off: the layers are then called as modules.
 
     Parameters
     ----------
