@@ -50,14 +50,20 @@ def _autograd_log_det(fn, x):
 @given(n_features, n_couplings, mask_kinds, activations, st.booleans(), seeds)
 def test_flow_inverse_roundtrip(d, k, kind, act, batch_norm, seed):
     # inverse(forward(x)) == x and forward(inverse(z)) == z, with log-dets of opposite sign.
+    # A round trip's error grows with the largest value it passes through (its rounding
+    # there, carried back through the Jacobian), so the tolerance scales with the
+    # intermediate's size (d=16, k=5, gelu, seed 2430 maps rows of size 5 to 1,003 and back
+    # within 4.3e-9: a fixed 1e-9 failed it, on the code before and after 2026-12-07).
     flow = _flow(d, k, kind, act, batch_norm, seed)
     x = _inputs(d, seed)
     with torch.no_grad():
         z, ld = flow(x)
         x_back, ld_inv = flow.inverse(z)
-        z_back, _ = flow(flow.inverse(x)[0])
-    torch.testing.assert_close(x_back, x, atol=ATOL, rtol=1e-9)
-    torch.testing.assert_close(z_back, x, atol=ATOL, rtol=1e-9)
+        x_inv = flow.inverse(x)[0]
+        z_back, _ = flow(x_inv)
+    for back, middle in ((x_back, z), (z_back, x_inv)):
+        size = max(1.0, float(middle.abs().max()))
+        torch.testing.assert_close(back, x, atol=ATOL * size, rtol=1e-9)
     torch.testing.assert_close(ld_inv, -ld, atol=ATOL, rtol=1e-9)
 
 
