@@ -182,8 +182,18 @@ class GaussianMixtureBase(nn.Module):
 
     def component_log_probs(self, u: Tensor) -> Tensor:
         """:math:`\\log \\pi_k + \\log \\mathcal N(u; \\mu_k, \\Sigma_k)`, shape ``(n, K)``."""
-        eps = self.standardized(u)
-        return torch.log_softmax(self.logits, 0) + self._coordinate_log_terms(eps).sum(-1)
+        if torch.is_grad_enabled() or u.dim() != 2:
+            eps = self.standardized(u)
+            return torch.log_softmax(self.logits, 0) + self._coordinate_log_terms(eps).sum(-1)
+        # Without autograd: the same sum as -|eps_k|^2 / 2 plus a constant per component,
+        # the residuals formed and squared in place (one (n, K, D) tensor instead of five;
+        # scoring 64-D digits with four components spent a sixth of its time here).
+        K, D = self.means.shape
+        prec = self.precisions_cholesky()
+        eps = torch.mm(u, prec.permute(1, 0, 2).reshape(D, K * D)).view(-1, K, D)
+        eps.sub_(torch.einsum("kd,kde->ke", self.means, prec))
+        const = torch.log_softmax(self.logits, 0) + self.log_diag.sum(1) - D * _HALF_LOG_2PI
+        return torch.add(const, eps.square_().sum(-1), alpha=-0.5)
 
     def log_prob(self, u: Tensor) -> Tensor:
         """Log-density of each row of ``u``, shape ``(n,)``."""
