@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._reduce import logsumexp, softmax_from, sum_last
 from .flows import RealNVPFlow
 from .mixture import GaussianMixtureBase, standardized_residuals
 from .nets import MLP, constant_like, tanh_
@@ -223,10 +224,10 @@ class _MixtureBase:
         prec = base.precisions_cholesky()
         eps = standardized_residuals(z, base.means, prec)
         lp = torch.log_softmax(base.logits, 0) + base.log_diag.sum(1) - D * _HALF_LOG_2PI
-        lp = lp - 0.5 * (eps * eps).sum(2)  # (n, K): log pi_k + log N(z_i; mu_k, Sigma_k)
-        lse = torch.logsumexp(lp, 1, keepdim=True)
+        lp = lp - 0.5 * sum_last(eps * eps)  # (n, K): log pi_k + log N(z_i; mu_k, Sigma_k)
+        lse = logsumexp(lp, 1, keepdim=True)
         loss = -(lse * w_col).sum()
-        wr = torch.exp(lp - lse).mul_(w_col)  # w_i r_ik
+        wr = softmax_from(lp, lse).mul_(w_col)  # w_i r_ik
         g_eps = (eps * wr.unsqueeze(2)).reshape(n, K * D)
         g_z = g_eps @ prec.transpose(1, 2).reshape(K * D, D)  # sum_k P_k g_eps_k
         col = g_eps.sum(0).view(K, D)  # sum over rows of each component's residual gradient

@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ._reduce import logsumexp, softmax_from, sum_last
+
 __all__ = [
     "SHRINKAGE_GRID",
     "MixtureFit",
@@ -136,7 +138,7 @@ def _log_prob_components(x: Tensor, log_w: Tensor, means: Tensor, prec: Tensor) 
     stacked = prec.permute(1, 0, 2).reshape(D, K * D)
     y = (x @ stacked).view(-1, K, D) - torch.einsum("kd,kde->ke", means, prec)
     log_det = torch.log(torch.diagonal(prec, dim1=1, dim2=2)).sum(1)
-    return log_w + log_det - D * _HALF_LOG_2PI - 0.5 * (y * y).sum(2)
+    return log_w + log_det - D * _HALF_LOG_2PI - 0.5 * sum_last(y * y)
 
 
 def _moments(x: Tensor, k: int, weighted_responsibilities):
@@ -161,8 +163,8 @@ def _statistics(x: Tensor, w: Tensor, log_w, means, prec):
 
     def soft(s):
         lp = _log_prob_components(x[s], log_w, means, prec)
-        lse = torch.logsumexp(lp, 1)
-        return torch.exp(lp - lse[:, None]) * w[s, None], (lse * w[s]).sum()
+        lse = logsumexp(lp, 1)
+        return softmax_from(lp, lse[:, None]).mul_(w[s, None]), (lse * w[s]).sum()
 
     return _moments(x, means.shape[0], soft)
 
@@ -356,7 +358,7 @@ def log_likelihoods(fit: MixtureFit, x: Tensor) -> Tensor:
 def _row_log_likelihoods(x: Tensor, log_w: Tensor, means: Tensor, prec: Tensor) -> Tensor:
     k, d = means.shape
     return torch.cat([
-        torch.logsumexp(_log_prob_components(x[s], log_w, means, prec), 1)
+        logsumexp(_log_prob_components(x[s], log_w, means, prec), 1)
         for s in _chunks(x.shape[0], k, d)
     ])
 
