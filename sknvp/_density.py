@@ -664,6 +664,14 @@ class RealNVPDensity(
         -------
         self : RealNVPDensity
             The fitted estimator.
+
+        Notes
+        -----
+        The training loop runs with the calling thread's flush-to-zero mode on
+        (``torch.set_flush_denormal(True)``) and restores the mode it found: subnormal
+        numbers, which long fits produce in weights and optimizer moments, cost the CPU many
+        times the time of normal ones. Torch's other threads keep their mode, so training
+        also sets subnormal weights and moments to zero every 32 steps.
         """
         warm = self._is_warm()
         X = validate_data(
