@@ -373,3 +373,29 @@ def test_flushing_step_zeroes_subnormal_weights_and_adam_moments():
     for t in [*layer.parameters(), *optimizer.state[layer.weight].values()]:
         if t.dim():
             assert not bool(((t != 0) & (t.abs() < tiny)).any())
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="no flush-to-zero mode here")
+def test_worker_threads_started_during_training_do_not_keep_the_mode():
+    # Threads inherit the floating-point mode of the thread that starts them: torch's worker
+    # threads, made on the process's first parallel operation, would keep flush-to-zero for
+    # good if that operation ran inside the block (half the elements of a later parallel
+    # division by two flushed). A fresh process, so that no worker thread exists yet.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from sknvp._training import flush_denormals\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.full((1,), torch.finfo(torch.float32).tiny).expand(1 << 22)\n"  # a view
+        "with flush_denormals():\n"
+        "    inside = int(((x / 2) == 0).sum())\n"
+        "print(inside, int(((x / 2) == 0).sum()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    inside, after = int(out[0]), int(out[1])
+    assert inside > 0  # the calling thread flushed inside the block
+    assert after == 0  # and nothing flushes after it
