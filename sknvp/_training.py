@@ -237,21 +237,18 @@ def flush_denormals() -> Iterator[None]:
     threads keep theirs, which is what the periodic flush of :func:`_flushing_step` is for.
     Does nothing where the CPU has no such mode.
     """
-    if _flushes_denormals():
-        yield
-        return
+    turn_on = not _flushes_denormals()
     # A thread starts with the mode of the thread that starts it: have torch's worker
     # threads (made on the first parallel operation) started first, with the caller's mode,
     # or they would keep flush-to-zero for the rest of the process.
-    if torch.get_num_threads() > 1:
+    if turn_on and torch.get_num_threads() > 1:
         torch.zeros(1 << 16).add_(1.0)
-    if not torch.set_flush_denormal(True):
-        yield
-        return
+    turned_on = turn_on and torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        if turned_on:
+            torch.set_flush_denormal(False)
 
 
 def _flushing_denormals(fn):

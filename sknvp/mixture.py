@@ -83,7 +83,10 @@ def standardized_residuals(u: Tensor, means: Tensor, prec: Tensor) -> Tensor:
     """
     K, D = means.shape
     stacked = prec.permute(1, 0, 2).reshape(D, K * D)
-    return (u @ stacked).view(-1, K, D) - torch.einsum("kd,kde->ke", means, prec)
+    products = (u @ stacked).view(-1, K, D)
+    offsets = torch.einsum("kd,kde->ke", means, prec)
+    # Without autograd in the product's own output: one (n, K, D) tensor, not two.
+    return products - offsets if torch.is_grad_enabled() else products.sub_(offsets)
 
 
 def _standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -187,12 +190,10 @@ class GaussianMixtureBase(nn.Module):
             eps = self.standardized(u)
             return torch.log_softmax(self.logits, 0) + sum_last(self._coordinate_log_terms(eps))
         # Without autograd: the same sum as -|eps_k|^2 / 2 plus a constant per component,
-        # the residuals formed and squared in place (one (n, K, D) tensor instead of five;
+        # the (fresh) residuals squared in place (one (n, K, D) tensor instead of five;
         # scoring 64-D digits with four components spent a sixth of its time here).
-        K, D = self.means.shape
-        prec = self.precisions_cholesky()
-        eps = torch.mm(u, prec.permute(1, 0, 2).reshape(D, K * D)).view(-1, K, D)
-        eps.sub_(torch.einsum("kd,kde->ke", self.means, prec))
+        eps = self.standardized(u)
+        D = eps.shape[2]
         const = torch.log_softmax(self.logits, 0) + self.log_diag.sum(1) - D * _HALF_LOG_2PI
         return torch.add(const, sum_last(eps.square_()), alpha=-0.5)
 
