@@ -132,11 +132,25 @@ def _chunks(n: int, k: int, d: int):
     return [slice(a, min(a + rows, n)) for a in range(0, n, rows)]
 
 
-def _log_prob_components(x: Tensor, log_w: Tensor, means: Tensor, prec: Tensor) -> Tensor:
-    """:math:`\\log w_k + \\log \\mathcal N(x_i; \\mu_k, \\Sigma_k)`, shape (n, K)."""
+def standardized_residuals(u: Tensor, means: Tensor, prec: Tensor) -> Tensor:
+    r""":math:`\varepsilon_k = P_k^\top (u - \mu_k)` for every row and component, shape
+    ``(n, K, D)``, with one matrix product for all components (:math:`u P_k - \mu_k P_k`).
+
+    ``means`` has shape ``(K, D)`` and ``prec`` (the upper-triangular factors :math:`P_k`)
+    ``(K, D, D)``.
+    """
     K, D = means.shape
     stacked = prec.permute(1, 0, 2).reshape(D, K * D)
-    y = (x @ stacked).view(-1, K, D) - torch.einsum("kd,kde->ke", means, prec)
+    products = (u @ stacked).view(-1, K, D)
+    offsets = torch.einsum("kd,kde->ke", means, prec)
+    # Without autograd in the product's own output: one (n, K, D) tensor, not two.
+    return products - offsets if torch.is_grad_enabled() else products.sub_(offsets)
+
+
+def _log_prob_components(x: Tensor, log_w: Tensor, means: Tensor, prec: Tensor) -> Tensor:
+    """:math:`\\log w_k + \\log \\mathcal N(x_i; \\mu_k, \\Sigma_k)`, shape (n, K)."""
+    D = means.shape[1]
+    y = standardized_residuals(x, means, prec)
     log_det = torch.log(torch.diagonal(prec, dim1=1, dim2=2)).sum(1)
     return log_w + log_det - D * _HALF_LOG_2PI - 0.5 * sum_last(y * y)
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reduce import logsumexp, sum_last
-from .em import MixtureFit
+from .em import MixtureFit, standardized_residuals
 
 __all__ = ["GaussianMixtureBase", "standardized_residuals"]
 
@@ -72,21 +72,6 @@ def _normal_from_log_cdfs(log_cdf: Tensor, log_sf: Tensor) -> Tensor:
         lower, _ndtri_exp(torch.minimum(log_cdf, torch.full_like(log_cdf, _LOG_HALF))),
         -_ndtri_exp(torch.minimum(log_sf, torch.full_like(log_sf, _LOG_HALF))),
     )
-
-
-def standardized_residuals(u: Tensor, means: Tensor, prec: Tensor) -> Tensor:
-    r""":math:`\varepsilon_k = P_k^\top (u - \mu_k)` for every row and component, shape
-    ``(n, K, D)``, with one matrix product for all components (:math:`u P_k - \mu_k P_k`).
-
-    ``means`` has shape ``(K, D)`` and ``prec`` (the upper-triangular factors :math:`P_k`)
-    ``(K, D, D)``.
-    """
-    K, D = means.shape
-    stacked = prec.permute(1, 0, 2).reshape(D, K * D)
-    products = (u @ stacked).view(-1, K, D)
-    offsets = torch.einsum("kd,kde->ke", means, prec)
-    # Without autograd in the product's own output: one (n, K, D) tensor, not two.
-    return products - offsets if torch.is_grad_enabled() else products.sub_(offsets)
 
 
 def _standard_normal_log_prob(z: Tensor) -> Tensor:

@@ -50,11 +50,14 @@ def _bounded_log_scale(raw_s: Tensor, bound: float) -> Tensor:
 
 def _scale_forward(x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """``x * exp(s) + t`` and the sum of ``s`` over features; without autograd ``s`` (a fresh
-    tensor of the caller's) is overwritten by ``exp(s)`` instead of allocating another."""
+    tensor of the caller's, shaped like ``x``) is overwritten by ``exp(s)`` and then by the
+    result instead of allocating more. (Writing into ``s`` rather than a new tensor also
+    spares ``addcmul`` a slow path: with ``t`` a strided view of the conditioner's output
+    and a fresh output it ran 2-3x slower at 4,096 x 32 float32; the same numbers.)"""
     if torch.is_grad_enabled():
         return torch.addcmul(t, x, torch.exp(s)), _sum_except_batch(s)
     log_det = _sum_except_batch(s)
-    return torch.addcmul(t, x, s.exp_()), log_det
+    return torch.addcmul(t, x, s.exp_(), out=s), log_det
 
 
 def _scale_inverse(z: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
