@@ -675,8 +675,10 @@ class RealNVPDensity(
         The training loop runs with the calling thread's flush-to-zero mode on
         (``torch.set_flush_denormal(True)``) and restores the mode it found: subnormal
         numbers, which long fits produce in weights and optimizer moments, cost the CPU many
-        times the time of normal ones. Torch's other threads keep their mode, so training
-        also sets subnormal weights and moments to zero every 32 steps.
+        times the time of normal ones. Torch's other threads keep their mode, so every 32
+        steps training also sets to zero the weights and Adam's first moments below the
+        square root of the smallest normal float (their squares and products would be
+        subnormal) and the subnormal second moments.
         """
         warm = self._is_warm()
         X = validate_data(

@@ -346,33 +346,42 @@ def test_training_flushes_subnormals_and_restores_the_threads_mode(outside):
         torch.set_flush_denormal(False)
 
 
-def test_flushing_step_zeroes_subnormal_weights_and_adam_moments():
-    # torch's worker threads keep their own mode, so every few steps the subnormal numbers of
-    # the weights and of Adam's moments are set to zero; normal numbers are left alone.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flushing_step_zeroes_negligible_weights_and_adam_moments(dtype):
+    # torch's worker threads keep their own mode, so every few steps the weights and Adam's
+    # first moments below the square root of the smallest normal float (whose squares and
+    # products underflow in those threads) and the subnormal second moments are set to zero;
+    # everything else is left alone.
     from sknvp._training import _flushing_step, make_adam
 
-    tiny = torch.finfo(torch.float32).tiny
-    layer = nn.Linear(3, 4).float()
+    tiny = torch.finfo(dtype).tiny
+    root = tiny**0.5
+    layer = nn.Linear(3, 4).to(dtype)
     optimizer = make_adam(layer, 1e-3, 0.0)
-    layer(torch.ones(2, 3)).sum().backward()
+    layer(torch.ones(2, 3, dtype=dtype)).sum().backward()
     optimizer.step()
+    state = optimizer.state[layer.weight]
     calls = []
     step = _flushing_step(lambda: calls.append(1), layer, optimizer, every=2)
     with torch.no_grad():
-        layer.weight[0, 0] = tiny / 4
-        layer.weight[0, 1] = -tiny / 8
-        layer.weight[1, 1] = 3 * tiny  # normal: kept
-        optimizer.state[layer.weight]["exp_avg_sq"][2, 2] = tiny / 16
+        layer.weight[0, 0] = tiny / 4  # subnormal
+        layer.weight[0, 1] = -root / 8  # normal, but its square underflows
+        layer.weight[1, 1] = 3 * root  # kept
+        state["exp_avg"][0, 2] = root / 2
+        state["exp_avg"][1, 2] = -4 * root  # kept
+        state["exp_avg_sq"][2, 2] = tiny / 16
+        state["exp_avg_sq"][3, 2] = 3 * tiny  # a square of a small gradient: kept
     step()
-    assert layer.weight[0, 0] == tiny / 4  # not yet: every second step
+    assert layer.weight[0, 1] == -root / 8  # not yet: every second step
     step()
     assert len(calls) == 2
     assert layer.weight[0, 0] == 0 and layer.weight[0, 1] == 0
-    assert layer.weight[1, 1] == 3 * tiny
-    assert optimizer.state[layer.weight]["exp_avg_sq"][2, 2] == 0
-    for t in [*layer.parameters(), *optimizer.state[layer.weight].values()]:
-        if t.dim():
-            assert not bool(((t != 0) & (t.abs() < tiny)).any())
+    assert layer.weight[1, 1] == 3 * root
+    assert state["exp_avg"][0, 2] == 0 and state["exp_avg"][1, 2] == -4 * root
+    assert state["exp_avg_sq"][2, 2] == 0 and state["exp_avg_sq"][3, 2] == 3 * tiny
+    for t in [*layer.parameters(), state["exp_avg"]]:
+        assert not bool(((t != 0) & (t.abs() < root)).any())
+    assert not bool(((state["exp_avg_sq"] != 0) & (state["exp_avg_sq"] < tiny)).any())
 
 
 @pytest.mark.skipif(not torch.set_flush_denormal(False), reason="no flush-to-zero mode here")
