@@ -260,14 +260,14 @@ def _flushing_denormals(fn):
     return wrapper
 
 
-# Training steps between two flushes of subnormal numbers (_flushing_step).
+# Training steps between two flushes of tiny numbers (_flushing_step).
 _FLUSH_EVERY = 32
 
 
-def _flush_subnormals_(tensors, power: float = 1.0) -> None:
-    """Zero the entries of each floating CPU tensor of ``tensors`` below the smallest normal
-    float to the power ``power`` (1: the subnormal numbers; 1/2: also the numbers whose
-    squares underflow), in place."""
+def _zero_tiny_(tensors, power: float = 1.0) -> None:
+    """Zero, in place, the entries of each floating CPU tensor of ``tensors`` whose magnitude
+    is below the smallest normal float to the power ``power`` (1: the subnormal numbers;
+    1/2: also the numbers whose squares underflow)."""
     with torch.no_grad():
         for t in tensors:
             if t.dim() and t.is_floating_point() and t.device.type == "cpu":
@@ -310,13 +310,13 @@ def _flushing_step(step, module, optimizer, every: int = _FLUSH_EVERY):
         step()
         count += 1
         if count % every == 0:
-            _flush_subnormals_(module.parameters(), power=0.5)
+            _zero_tiny_(module.parameters(), power=0.5)
             states = [
                 (key, v) for state in optimizer.state.values() for key, v in state.items()
                 if torch.is_tensor(v)
             ]
-            _flush_subnormals_((v for key, v in states if key == "exp_avg"), power=0.5)
-            _flush_subnormals_(v for key, v in states if key != "exp_avg")
+            _zero_tiny_((v for key, v in states if key == "exp_avg"), power=0.5)
+            _zero_tiny_(v for key, v in states if key != "exp_avg")
 
     return flushing_step
 
