@@ -267,11 +267,15 @@ _FLUSH_EVERY = 32
 def _zero_tiny_(tensors, power: float = 1.0) -> None:
     """Zero, in place, the entries of each floating CPU tensor of ``tensors`` whose magnitude
     is below the smallest normal float to the power ``power`` (1: the subnormal numbers;
-    1/2: also the numbers whose squares underflow)."""
+    1/2: also the numbers whose squares underflow). Types of fewer than 32 bits get the
+    subnormal bound whatever ``power`` is (the square root of float16's smallest normal
+    number is 0.0078, a weight)."""
     with torch.no_grad():
         for t in tensors:
             if t.dim() and t.is_floating_point() and t.device.type == "cpu":
-                t.masked_fill_(t.abs() < torch.finfo(t.dtype).tiny ** power, 0.0)
+                info = torch.finfo(t.dtype)
+                bound = info.tiny ** power if info.bits >= 32 else info.tiny
+                t.masked_fill_(t.abs() < bound, 0.0)
 
 
 def _flushing_step(step, module, optimizer, every: int = _FLUSH_EVERY):

@@ -384,6 +384,18 @@ def test_flushing_step_zeroes_negligible_weights_and_adam_moments(dtype):
     assert not bool(((state["exp_avg_sq"] != 0) & (state["exp_avg_sq"] < tiny)).any())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_zeroing_tiny_numbers_keeps_half_precision_weights(dtype):
+    # The square-root bound is for float32 and float64 (1e-19, 1e-154); float16's would be
+    # 0.0078, the size of a weight: half-precision tensors only lose their subnormals.
+    from sknvp._training import _zero_tiny_
+
+    tiny = torch.finfo(dtype).tiny
+    t = torch.tensor([1e-3, -2e-3, tiny / 4, 0.5], dtype=dtype)
+    _zero_tiny_([t], power=0.5)
+    assert t.tolist() == torch.tensor([1e-3, -2e-3, 0.0, 0.5], dtype=dtype).tolist()
+
+
 @pytest.mark.skipif(not torch.set_flush_denormal(False), reason="no flush-to-zero mode here")
 def test_worker_threads_started_during_training_do_not_keep_the_mode():
     # Threads inherit the floating-point mode of the thread that starts them: torch's worker
