@@ -147,12 +147,23 @@ def standardized_residuals(u: Tensor, means: Tensor, prec: Tensor) -> Tensor:
     return products - offsets if torch.is_grad_enabled() else products.sub_(offsets)
 
 
-def _log_prob_components(x: Tensor, log_w: Tensor, means: Tensor, prec: Tensor) -> Tensor:
-    """:math:`\\log w_k + \\log \\mathcal N(x_i; \\mu_k, \\Sigma_k)`, shape (n, K)."""
+def component_log_probs(
+    x: Tensor, log_w: Tensor, means: Tensor, prec: Tensor, log_det: Tensor | None = None
+) -> Tensor:
+    """:math:`\\log w_k + \\log \\mathcal N(x_i; \\mu_k, \\Sigma_k)`, shape (n, K).
+
+    ``log_det`` is :math:`\\sum_d \\log P_{k,dd}` per component (computed from ``prec`` when
+    None). Without autograd the (fresh) residuals are squared in place: one (n, K, D) tensor
+    instead of two.
+    """
     D = means.shape[1]
     y = standardized_residuals(x, means, prec)
-    log_det = torch.log(torch.diagonal(prec, dim1=1, dim2=2)).sum(1)
-    return log_w + log_det - D * _HALF_LOG_2PI - 0.5 * sum_last(y * y)
+    if log_det is None:
+        log_det = torch.log(torch.diagonal(prec, dim1=1, dim2=2)).sum(1)
+    const = log_w + log_det - D * _HALF_LOG_2PI
+    if torch.is_grad_enabled():
+        return const - 0.5 * sum_last(y * y)
+    return torch.add(const, sum_last(y.square_()), alpha=-0.5)
 
 
 def _moments(x: Tensor, k: int, weighted_responsibilities):
@@ -176,7 +187,7 @@ def _statistics(x: Tensor, w: Tensor, log_w, means, prec):
     """E-step: the moments under the responsibilities, and the weighted log-likelihood."""
 
     def soft(s):
-        lp = _log_prob_components(x[s], log_w, means, prec)
+        lp = component_log_probs(x[s], log_w, means, prec)
         lse = logsumexp(lp, 1)
         return softmax_from(lp, lse[:, None]).mul_(w[s, None]), (lse * w[s]).sum()
 
@@ -372,7 +383,7 @@ def log_likelihoods(fit: MixtureFit, x: Tensor) -> Tensor:
 def _row_log_likelihoods(x: Tensor, log_w: Tensor, means: Tensor, prec: Tensor) -> Tensor:
     k, d = means.shape
     return torch.cat([
-        logsumexp(_log_prob_components(x[s], log_w, means, prec), 1)
+        logsumexp(component_log_probs(x[s], log_w, means, prec), 1)
         for s in _chunks(x.shape[0], k, d)
     ])
 
