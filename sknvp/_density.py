@@ -263,10 +263,11 @@ class RealNVPDensity(
     n_components : int or "auto", default="auto"
         Number of mixture components with ``base="mixture"``; ``"auto"`` fits mixtures of
         1 to 10, 13, 17, 22, 29, 38, 49 and 64 components (at most one per
-        ``n_features + 1`` training rows) and keeps the one with the best log-likelihood on
-        the validation rows (by BIC without ``early_stopping``), stopping after three sizes
-        in a row without a better one once it has tried twice the best size
-        (:func:`sknvp.em.select_gaussian_mixture`). Either way the covariances are then
+        ``n_features + 1`` training rows) and keeps the one with the best held-out
+        log-likelihood: on the validation rows and, with at most 2,000 training rows, on
+        every training row by five-fold cross-validation (by BIC without ``early_stopping``
+        on more rows), stopping after three sizes in a row without a better one once it has
+        tried twice the best size (:func:`sknvp.em.select_gaussian_mixture`). Either way the covariances are then
         shrunk towards multiples of the identity as far as held-out rows favour (the
         validation rows, and folds of the training rows when there are at most 2,000 or no
         validation rows; :func:`sknvp.em.choose_shrinkage`), so that few rows in many

@@ -195,9 +195,15 @@ def _clusters(n=600, seed=0):
     return centers[labels] + rng.randn(n, 2) * [0.5, 1.0], centers
 
 
-def test_em_recovers_separated_clusters_and_bic_picks_their_number():
+@pytest.mark.parametrize("max_cv_rows", [0, 2000], ids=["bic", "cross-validated"])
+def test_em_recovers_separated_clusters_and_selection_picks_their_number(max_cv_rows):
+    # Cross-validated, each fold's EM starts from the fit to all rows: from fresh k-means++
+    # seeds, one fold of three components ended in a poor optimum (0.3 nat per row lower) and
+    # four components were kept.
     X, centers = _clusters()
-    fit = select_gaussian_mixture(torch.as_tensor(X), generator=torch.Generator().manual_seed(0))
+    fit = select_gaussian_mixture(
+        torch.as_tensor(X), generator=torch.Generator().manual_seed(0), max_cv_rows=max_cv_rows
+    )
     assert fit.n_components == 3 and fit.converged
     found = fit.means.numpy()[np.argsort(fit.means.numpy() @ [1.0, 3.0])]
     np.testing.assert_allclose(found, centers[[0, 1, 2]], atol=0.2)
@@ -295,7 +301,7 @@ def test_selection_uses_several_starts_up_to_ten_components_only(monkeypatch):
     monkeypatch.setattr(em, "fit_gaussian_mixture", recording)
     x = torch.as_tensor(np.random.RandomState(0).uniform(size=(400, 1)))
     select_gaussian_mixture(x, generator=torch.Generator().manual_seed(0), n_init=3,
-                            patience=100, max_components=13)
+                            patience=100, max_components=13, max_cv_rows=0)
     assert calls == [(k, 3) for k in range(1, 11)] + [(13, 1)]
 
 
@@ -319,7 +325,7 @@ def test_validation_rows_choose_the_smallest_size_within_a_standard_error_of_the
 
     monkeypatch.setattr(em, "fit_gaussian_mixture", recording)
     chosen = select_gaussian_mixture(
-        x, x_valid=x_valid, generator=torch.Generator().manual_seed(0)
+        x, x_valid=x_valid, generator=torch.Generator().manual_seed(0), max_cv_rows=0
     )
     means = [v.mean() for _, v, _ in tried]
     top = int(np.argmax(means))
@@ -334,7 +340,7 @@ def test_validation_rows_choose_the_smallest_size_within_a_standard_error_of_the
     )
     assert chosen.n_components == expected == 3
     tried.clear()
-    by_bic = select_gaussian_mixture(x, generator=torch.Generator().manual_seed(0))
+    by_bic = select_gaussian_mixture(x, generator=torch.Generator().manual_seed(0), max_cv_rows=0)
     assert by_bic.n_components == min(tried, key=lambda t: t[2])[0] == 3
 
 
@@ -359,8 +365,43 @@ def test_a_plateau_of_scores_does_not_end_the_search_below_twice_the_best_size(
     )
     monkeypatch.setattr(em, "log_likelihoods", lambda fit, x: fit.log_likelihood + rows)
     x = torch.zeros(1000, 1, dtype=torch.float64)
-    chosen = select_gaussian_mixture(x, x_valid=x[:50] if validation else None)
+    chosen = select_gaussian_mixture(x, x_valid=x[:50] if validation else None, max_cv_rows=0)
     assert chosen.n_components == 8
+
+
+def test_small_data_choose_the_size_by_cross_validation_not_by_ten_validation_rows():
+    # 90 training and 10 validation rows of two moons: within a standard error of ten rows
+    # one component is as good as any, so the validation rows alone keep one Gaussian. Every
+    # training row scored by a fit without its fold tells the sizes apart.
+    from sklearn.datasets import make_moons
+
+    X, _ = make_moons(100, noise=0.1, random_state=1)
+    T, _ = make_moons(5000, noise=0.1, random_state=100)
+    mu, sd = X.mean(0), X.std(0)
+    x, x_valid, test = (torch.as_tensor((A - mu) / sd) for A in (X[:90], X[90:], T))
+    chosen = select_gaussian_mixture(
+        x, x_valid=x_valid, generator=torch.Generator().manual_seed(0)
+    )
+    by_valid = select_gaussian_mixture(
+        x, x_valid=x_valid, generator=torch.Generator().manual_seed(0), max_cv_rows=0
+    )
+    assert by_valid.n_components == 1
+    assert chosen.n_components > 1
+    gain = em.mean_log_likelihood(chosen, test) - em.mean_log_likelihood(by_valid, test)
+    assert gain > 0.3
+
+
+def test_a_cross_validated_size_whose_fit_fails_the_validation_rows_is_not_kept():
+    # Cross-validation rates a size by fits without each fold; the fit to all rows can still
+    # end in a poor EM optimum. Validation rows (per-row log-likelihoods of three fits):
+    fits = ["one", "two", "three"]
+    rows = torch.tensor([[-2.0, -2.1, -1.9, -2.0], [-1.0, -1.2, -0.8, -1.0],
+                         [-1.2, -1.1, -0.8, -0.95]], dtype=torch.float64)
+    w = torch.ones(4, dtype=torch.float64)
+    # the validation rows alone keep "two"; "one" is far below it and is replaced,
+    assert em._unless_worse_on_validation("one", fits, list(rows), w) == "two"
+    # "three" is within a standard error of it and stays.
+    assert em._unless_worse_on_validation("three", fits, list(rows), w) == "three"
 
 
 def test_few_validation_rows_keep_a_smaller_mixture_than_their_best_score():
@@ -376,19 +417,21 @@ def test_few_validation_rows_keep_a_smaller_mixture_than_their_best_score():
     assert fits[best].n_components == 6 and chosen.n_components == 3
 
 
-def test_no_size_with_fewer_than_features_plus_one_rows_per_component():
+@pytest.mark.parametrize("max_cv_rows, most", [(0, 4), (2000, 3)])
+def test_no_size_with_fewer_than_features_plus_one_rows_per_component(max_cv_rows, most):
     # 13 features, 60 rows: at most 4 components, whatever the criterion says; more would
-    # leave covariances singular and their density a spike on a few rows.
+    # leave covariances singular and their density a spike on a few rows. Cross-validated,
+    # the bound is that of a fold's 48 training rows: 3.
     X = np.random.RandomState(0).standard_normal((60, 13))
     tried = []
     original = em.fit_gaussian_mixture
     em.fit_gaussian_mixture = lambda x, k, **kw: tried.append(k) or original(x, k, **kw)
     try:
         select_gaussian_mixture(torch.as_tensor(X), generator=torch.Generator().manual_seed(0),
-                                patience=100)
+                                patience=100, max_cv_rows=max_cv_rows)
     finally:
         em.fit_gaussian_mixture = original
-    assert max(tried) == 4
+    assert max(tried) == most
 
 
 def test_inverse_of_a_well_separated_mixture_does_not_cycle():
