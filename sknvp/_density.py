@@ -268,11 +268,11 @@ class RealNVPDensity(
         log-likelihood: on the validation rows and, with at most 2,000 training rows, on
         every training row by five-fold cross-validation (by BIC without ``early_stopping``
         on more rows), stopping after three sizes in a row without a better one once it has
-        tried twice the best size (:func:`sknvp.em.select_gaussian_mixture`). Either way the covariances are then
-        shrunk towards multiples of the identity as far as held-out rows favour (the
-        validation rows, and folds of the training rows when there are at most 2,000 or no
-        validation rows; :func:`sknvp.em.choose_shrinkage`), so that few rows in many
-        dimensions do not leave a near-singular covariance. EM sees at
+        tried twice the best size (:func:`sknvp.em.select_gaussian_mixture`). Either way
+        the covariances are then shrunk towards multiples of the identity as far as
+        held-out rows favour (the validation rows, and folds of the training rows when there
+        are at most 2,000 or no validation rows; :func:`sknvp.em.choose_shrinkage`), so that
+        few rows in many dimensions do not leave a near-singular covariance. EM sees at
         most 20,000 training rows (fewer with many features: rows x features\ :sup:`2` at
         most 5e7, but at least 2,000 rows), subsampled with the seed, and honours
         ``sample_weight``. Ignored with ``base="normal"``.
@@ -320,8 +320,9 @@ class RealNVPDensity(
         ``"auto"`` uses ``max(1e-3, 1 / n_train)`` for ``n_train`` training rows (those of
         the call, with :meth:`partial_fit`): on fewer than 1,000 rows, the penalty of a
         standard normal prior on the weights against the summed log-likelihood (the loss is
-        the mean per row, so the prior's share grows as the rows get fewer). On 40 rows of two moons it kept one fit in eight from tearing
-        holes 47 nats deep at the 1st percentile of new rows (see the benchmarks).
+        the mean per row, so the prior's share grows as the rows get fewer). On 40 rows of
+        two moons it kept one fit in eight from tearing holes 47 nats deep at the 1st
+        percentile of new rows (see the benchmarks).
     input_noise : float, default=0.0
         Standard deviation of Gaussian noise added afresh to every training minibatch, in
         units of each feature's standard deviation (noise regularisation). It smooths the
