@@ -307,7 +307,10 @@ def test_a_held_out_digit_far_out_along_one_pixel_is_not_stretched():
     # The case that found it: 500 dequantised digits, where pixel 48 was 0 in every training
     # row and 8 in a held-out one (29 standard deviations out). Unclipped, the couplings
     # stretched it to -11,619 nats and the held-out mean fell 65 nats below a Gaussian
-    # mixture's; clipped it scores -731 (the mixture: -710).
+    # mixture's; clipped it scores -731 (the mixture: -710). Since the mixture's size is
+    # cross-validated and weight decay is 1 / n_train on few rows (2026-12-07), the
+    # unclipped flow stretches it less (-3,342 nats, the held-out mean 17 nats lower) and
+    # the clipped one scores -544.
     from sklearn.datasets import load_digits
 
     rng = np.random.default_rng(1001)
@@ -319,8 +322,8 @@ def test_a_held_out_digit_far_out_along_one_pixel_is_not_stretched():
     plain = clone_unclipped(clipped).fit(train)
     s_clipped, s_plain = clipped.score_samples(test), plain.score_samples(test)
     np.testing.assert_allclose(clipped.score_samples(train), plain.score_samples(train), 1e-10)
-    assert s_plain.min() < -5000 and s_clipped.min() > -1500
-    assert s_clipped.mean() > s_plain.mean() + 40
+    assert s_plain.min() < -2500 and s_clipped.min() > -1000
+    assert s_clipped.mean() > s_plain.mean() + 10
 
 
 def clone_unclipped(est):
