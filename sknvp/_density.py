@@ -71,6 +71,7 @@ _GLOBAL_RNG_LOCK = threading.Lock()
 # Rows EM sees when it starts a mixture base: at most _EM_MAX_ROWS, and fewer (down to
 # _EM_MIN_ROWS) where rows * features**2 (the cost of one EM iteration per component) would
 # pass _EM_BUDGET; a seeded subsample beyond that.
+_MIN_GAIN_SE = 1.0  # standard errors the best epoch must beat the start by on validation
 _AUTO_ALPHA = 1e-3  # alpha="auto": this weight decay, or 1 / n_train where that is larger
 _EM_MAX_ROWS = 20_000
 _EM_MIN_ROWS = 2_000
@@ -345,7 +346,11 @@ class RealNVPDensity(
         each chunk.
     early_stopping : bool, default=True
         Hold out ``validation_fraction`` of the rows, stop when their log-likelihood stops
-        improving and restore the best weights.
+        improving and restore the best weights, unless they beat the weights training
+        started from (the Gaussian mixture the couplings start on, by default) by less than
+        one standard error of the per-row difference on those rows: the best of many epochs'
+        scores is biased upwards against the start's one score, and then the start is kept
+        (``best_validation_score_`` is its score, below some of ``validation_scores_``).
     validation_fraction : float, default=0.1
         Fraction of rows held out when ``early_stopping`` is on.
     n_iter_no_change : int, default=20
@@ -849,6 +854,7 @@ class RealNVPDensity(
             generator=generator, optimizer=optimizer, verbose=self.verbose,
             print_fn=self._epoch_printer(X.shape[1]),
             transform_batch=self._batch_transform(generator, work), keep_better=keep_better,
+            min_gain_se=_MIN_GAIN_SE if keep_better else 0.0,
         )
         if centre is not None:
             work = work.to(torch.float64)
@@ -1375,7 +1381,10 @@ def _fell_from_start(result) -> bool:
     """No epoch beat the initial weights, and the validation score fell over 1 nat below
     theirs (epochs after the last learning-rate drop, as in :func:`_unstable`)."""
     valid = _since_last_drop(result)[1]
-    return result.best_epoch < 0 and bool(valid) and min(valid) < result.best_score - 1.0
+    return (
+        result.best_epoch < 0 and not result.start_kept_within_noise and bool(valid)
+        and min(valid) < result.best_score - 1.0
+    )
 
 
 def _since_last_drop(result) -> tuple[list, list]:

@@ -35,6 +35,7 @@ class TrainResult:
     skipped_steps: int = 0
     lr_drops: list[int] = field(default_factory=list)
     fit_seconds: float = 0.0
+    start_kept_within_noise: bool = False
 
 
 def batch_slices(n: int, batch_size: int, min_size: int = 2) -> list[slice]:
@@ -375,6 +376,38 @@ def _initial_score(module, manual, x, w) -> float:
     return float(_weighted_mean(_in_batches(manual.log_prob_without_couplings, x, 65536), w))
 
 
+def gain_in_standard_errors(trained: Tensor, start: Tensor, w: Tensor | None = None) -> float:
+    """Mean of the per-row differences ``trained - start`` (weighted by ``w``) over its
+    standard error; ``inf`` for a positive mean with no spread, ``-inf`` where a row's
+    difference is not finite or negative infinite."""
+    d = (trained - start).double()
+    w = torch.ones_like(d) if w is None else w.to(d)
+    w = w / w.sum()
+    mean = float((w * d).sum())
+    if not math.isfinite(mean):
+        return -math.inf
+    se = math.sqrt(max(float((w * (d - mean) ** 2).sum()), 0.0) / d.shape[0])
+    if se == 0.0:
+        return math.inf if mean > 0 else (0.0 if mean == 0 else -math.inf)
+    return mean / se
+
+
+def _keep_start_unless_clearly_better(
+    module, initial, best_state, snapshots, x, w, min_gain_se, result
+) -> None:
+    """Restore ``initial`` unless the kept weights (loaded) beat it on the validation rows
+    ``x`` by ``min_gain_se`` standard errors (:func:`gain_in_standard_errors`)."""
+    trained = evaluate_log_prob(module, x)
+    snapshots.restore(initial)
+    start = evaluate_log_prob(module, x)
+    if gain_in_standard_errors(trained, start, w) >= min_gain_se:
+        snapshots.restore(best_state)
+        return
+    result.best_epoch = -1
+    result.best_score = _validation_score(module, x, w)
+    result.start_kept_within_noise = True
+
+
 def _keep_better_on_training_data(
     module, candidate, x, w, snapshots=None, candidate_score=None
 ) -> bool:
@@ -425,6 +458,7 @@ def fit_flow(
     keep_better: bool = True,
     plateau_factor: float = 0.1,
     backprop: str = "auto",
+    min_gain_se: float = 0.0,
 ) -> tuple[TrainResult, torch.optim.Optimizer]:
     """Train ``module`` by minimising the mean negative log-likelihood with Adam.
 
@@ -445,6 +479,13 @@ def fit_flow(
 
     ``transform_batch``, if given, maps each training minibatch before the loss (e.g. adds
     fresh dequantisation noise); validation data are used as given.
+
+    ``min_gain_se > 0`` (with ``x_valid``) keeps the best epoch only if it beats the weights
+    training started from by at least that many standard errors of the per-row difference
+    of their validation log-likelihoods (paired, so what both share cancels); otherwise the
+    starting weights are restored (``start_kept_within_noise``). The best of many epochs'
+    scores is biased upwards against the start's one score, so a start that is already a
+    good model (a fitted Gaussian mixture) loses to noise without it.
 
     ``keep_better=False`` (one-pass updates such as ``partial_fit``) always keeps the final
     finite weights when there is no validation set: every update counts, even one whose pass
@@ -483,6 +524,7 @@ def fit_flow(
     )
     best_state = snapshots.take()
     snapshots.keep(best_state)
+    initial = _snapshot(module) if monitor_valid and min_gain_se > 0 else None
     if monitor_valid:
         result.best_score = _initial_score(module, manual, x_valid, w_valid)
     elif keep_better and transform_batch is None and not exact_epoch_loss:
@@ -553,6 +595,10 @@ def fit_flow(
         release_step()
     if monitor_valid or result.diverged or result.interrupted:
         snapshots.restore(best_state)
+        if initial is not None and result.best_epoch >= 0:
+            _keep_start_unless_clearly_better(
+                module, initial, best_state, snapshots, x_valid, w_valid, min_gain_se, result
+            )
     elif keep_better:
         kept = _keep_better_on_training_data(
             module, best_state, x_train, w_train, snapshots,

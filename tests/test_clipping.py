@@ -236,13 +236,17 @@ def test_fit_clips_to_the_fitted_rows_and_changes_no_fitted_score(data):
     w[:10] = 0.0  # weightless rows do not count
     data = data.copy()
     data[:10] += 100.0
-    est = _small().fit(data, sample_weight=w)
+    # Without early stopping: three epochs need not beat the mixture start by a standard
+    # error of the validation rows, and couplings kept at the identity clip nothing.
+    est = _small(early_stopping=False).fit(data, sample_weight=w)
     ranges = [(c.input_low, c.input_high) for c in _couplings(est.module_)]
     assert len(ranges) == 3
     for (lo, hi), (lo_m, hi_m) in zip(ranges, _measured(est.module_, data[10:]), strict=True):
         _close(lo, lo_m)
         _close(hi, hi_m)
-    plain = _small(clip_conditioner_inputs=False).fit(data, sample_weight=w)
+    plain = _small(clip_conditioner_inputs=False, early_stopping=False).fit(
+        data, sample_weight=w
+    )
     assert all(c.input_low is None for c in _couplings(plain.module_))
     np.testing.assert_allclose(
         est.score_samples(data[10:]), plain.score_samples(data[10:]), rtol=1e-12, atol=1e-12

@@ -318,9 +318,11 @@ def test_grid_search_over_architecture(moons):
         "activation": ["relu", "tanh"],
         "mask": ["alternating", "fixed"],
     }
+    # On the standard normal base, as the study's grids: on a fitted mixture start the
+    # couplings need not beat it by a standard error, and every size then ties.
     base = RealNVPDensity(
         max_iter=20, batch_size=32, learning_rate_init=5e-3, learning_rate="constant",
-        random_state=0, device="cpu",
+        random_state=0, device="cpu", base="normal",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sknvp._training import fit_flow
+from sknvp._training import fit_flow, gain_in_standard_errors
 
 
 class GaussianMean(nn.Module):
@@ -420,3 +420,53 @@ def test_worker_threads_started_during_training_do_not_keep_the_mode():
     inside, after = int(out[0]), int(out[1])
     assert inside > 0  # the calling thread flushed inside the block
     assert after == 0  # and nothing flushes after it
+
+
+def _fit_from(mean, x_train, x_valid, min_gain_se):
+    module = GaussianMean(mean)
+    result, _ = fit_flow(
+        module, x_train, x_valid=x_valid, max_iter=30, batch_size=32, learning_rate_init=0.05,
+        learning_rate="constant", generator=torch.Generator().manual_seed(0),
+        min_gain_se=min_gain_se,
+    )
+    return module, result
+
+
+def test_the_best_epoch_must_beat_the_start_by_min_gain_se_standard_errors():
+    # Training moves the mean from 0.3 towards the training rows' 0; the 20 validation rows
+    # score that higher, but by less than one standard error of the per-row difference.
+    x_train, x_valid = _data(0.0, n=256, seed=1), _data(0.0, n=20, seed=2)
+    trained, plain = _fit_from(0.3, x_train, x_valid, 0.0)
+    assert plain.best_epoch >= 0 and not plain.start_kept_within_noise
+    start = GaussianMean(0.3)
+    with torch.no_grad():
+        z = gain_in_standard_errors(trained.log_prob(x_valid), start.log_prob(x_valid))
+    assert 0 < z < 1
+    kept, result = _fit_from(0.3, x_train, x_valid, 1.0)
+    assert result.start_kept_within_noise and result.best_epoch == -1
+    assert kept.mean.item() == 0.3
+    with torch.no_grad():
+        assert result.best_score == pytest.approx(start.log_prob(x_valid).mean().item())
+    assert result.best_score < max(result.validation_scores)
+    # a lower bar keeps the trained weights
+    same, result = _fit_from(0.3, x_train, x_valid, z / 2)
+    assert same.mean.item() == trained.mean.item() and not result.start_kept_within_noise
+
+
+def test_gain_in_standard_errors_is_the_paired_weighted_t_statistic():
+    trained = torch.tensor([1.0, 2.0, 0.0, 3.0], dtype=torch.float64)
+    start = torch.zeros(4, dtype=torch.float64)
+    d = trained.numpy()
+    assert gain_in_standard_errors(trained, start) == pytest.approx(
+        d.mean() / (d.std() / math.sqrt(4))
+    )
+    w = torch.tensor([1.0, 1.0, 0.0, 2.0], dtype=torch.float64)
+    p = w.numpy() / w.numpy().sum()
+    mean = (p * d).sum()
+    se = math.sqrt((p * (d - mean) ** 2).sum() / 4)
+    assert gain_in_standard_errors(trained, start, w) == pytest.approx(mean / se)
+    assert gain_in_standard_errors(start + 1.0, start) == math.inf  # a gain without spread
+    assert gain_in_standard_errors(start, start) == 0.0
+    worse = trained.clone()
+    worse[0] = -math.inf  # a row the trained weights cannot score
+    assert gain_in_standard_errors(worse, start) == -math.inf
