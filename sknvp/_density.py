@@ -68,11 +68,11 @@ _CPU_CHUNK_BYTES = 2**20
 # faster with residuals of 4 MiB than of 1 MiB (float64; two moons, checkerboard; 2026-12-07).
 _CPU_BASE_CHUNK_BYTES = 2**22
 _GLOBAL_RNG_LOCK = threading.Lock()
+_MIN_GAIN_SE = 1.0  # standard errors the best epoch must beat the start by on validation
+_AUTO_ALPHA = 1e-3  # alpha="auto": this weight decay, or 1 / n_train where that is larger
 # Rows EM sees when it starts a mixture base: at most _EM_MAX_ROWS, and fewer (down to
 # _EM_MIN_ROWS) where rows * features**2 (the cost of one EM iteration per component) would
 # pass _EM_BUDGET; a seeded subsample beyond that.
-_MIN_GAIN_SE = 1.0  # standard errors the best epoch must beat the start by on validation
-_AUTO_ALPHA = 1e-3  # alpha="auto": this weight decay, or 1 / n_train where that is larger
 _EM_MAX_ROWS = 20_000
 _EM_MIN_ROWS = 2_000
 _EM_BUDGET = 5e7

@@ -378,8 +378,8 @@ def _initial_score(module, manual, x, w) -> float:
 
 def gain_in_standard_errors(trained: Tensor, start: Tensor, w: Tensor | None = None) -> float:
     """Mean of the per-row differences ``trained - start`` (weighted by ``w``) over its
-    standard error; ``inf`` for a positive mean with no spread, ``-inf`` where a row's
-    difference is not finite or negative infinite."""
+    standard error: ``inf`` for a positive mean with no spread, and ``-inf`` where the mean
+    is not finite (a row the trained weights score at -inf, or a spike at +inf)."""
     d = (trained - start).double()
     w = torch.ones_like(d) if w is None else w.to(d)
     w = w / w.sum()
@@ -404,7 +404,7 @@ def _keep_start_unless_clearly_better(
         snapshots.restore(best_state)
         return
     result.best_epoch = -1
-    result.best_score = _validation_score(module, x, w)
+    result.best_score = float(_weighted_mean(start, w))
     result.start_kept_within_noise = True
 
 
