@@ -13,6 +13,10 @@
   order, whatever the number of rows) and calls ``sum`` from four features on, where it is
   fast. (A product with a vector of ones was fast too, but its rounding depended on the
   number of rows in float32.)
+
+:func:`mean_and_standard_error` is the statistic behind every "better by more than noise"
+rule: the mixture's size and shrinkage (:mod:`sknvp.em`) and early stopping's comparison
+with the start (:func:`sknvp._training.fit_flow`) test paired per-row differences with it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["exp_floor", "logsumexp", "softmax_from", "sum_last"]
+__all__ = ["exp_floor", "logsumexp", "mean_and_standard_error", "softmax_from", "sum_last"]
 
 
 def exp_floor(dtype: torch.dtype) -> float:
@@ -62,3 +66,13 @@ def softmax_from(x: Tensor, lse: Tensor) -> Tensor:
     """``exp(x - lse)`` (``lse`` broadcast, e.g. :func:`logsumexp` with ``keepdim=True``),
     clamped at :func:`exp_floor` before ``exp``; for tensors that need no gradient."""
     return torch.sub(x, lse).clamp_min_(exp_floor(x.dtype)).exp_()
+
+
+def mean_and_standard_error(values: Tensor, w: Tensor) -> tuple[float, float]:
+    r"""Weighted mean of ``values`` and its standard error, for weights ``w`` that sum to the
+    number of rows (:math:`\bar v = \sum_i w_i v_i / n`, standard error
+    :math:`\sqrt{\sum_i w_i (v_i - \bar v)^2 / n^2}`)."""
+    n = values.shape[0]
+    mean = float((values * w).sum()) / n
+    spread = float(((values - mean) ** 2 * w).sum()) / n
+    return mean, math.sqrt(max(spread, 0.0) / n)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ._adam import step_function
 from ._backprop import manual_gradient
+from ._reduce import mean_and_standard_error
 
 __all__ = ["TrainResult", "batch_slices", "evaluate_log_prob", "fit_flow", "make_adam"]
 
@@ -367,13 +368,18 @@ def _validation_score(module, x, w) -> float:
     return float(_weighted_mean(evaluate_log_prob(module, x), w))
 
 
-def _initial_score(module, manual, x, w) -> float:
-    """:func:`_validation_score` of the weights training starts from; for a fresh flow (every
-    coupling still the identity) through its fixed layers and base only: the same numbers
-    without the conditioners' work."""
+def _initial_rows(module, manual, x) -> Tensor:
+    """Each row's log-likelihood under the weights training starts from; for a fresh flow
+    (every coupling still the identity) through its fixed layers and base only: the same
+    numbers without the conditioners' work."""
     if manual is None or not manual.couplings_are_identity():
-        return _validation_score(module, x, w)
-    return float(_weighted_mean(_in_batches(manual.log_prob_without_couplings, x, 65536), w))
+        return evaluate_log_prob(module, x)
+    return _in_batches(manual.log_prob_without_couplings, x, 65536)
+
+
+def _initial_score(module, manual, x, w) -> float:
+    """:func:`_validation_score` of the weights training starts from (:func:`_initial_rows`)."""
+    return float(_weighted_mean(_initial_rows(module, manual, x), w))
 
 
 def gain_in_standard_errors(trained: Tensor, start: Tensor, w: Tensor | None = None) -> float:
@@ -381,30 +387,27 @@ def gain_in_standard_errors(trained: Tensor, start: Tensor, w: Tensor | None = N
     standard error: ``inf`` for a positive mean with no spread, and ``-inf`` where the mean
     is not finite (a row the trained weights score at -inf, or a spike at +inf)."""
     d = (trained - start).double()
-    w = torch.ones_like(d) if w is None else w.to(d)
-    w = w / w.sum()
-    mean = float((w * d).sum())
+    w = torch.ones_like(d) if w is None else w.to(d) * (d.shape[0] / w.sum())
+    mean, se = mean_and_standard_error(d, w)
     if not math.isfinite(mean):
         return -math.inf
-    se = math.sqrt(max(float((w * (d - mean) ** 2).sum()), 0.0) / d.shape[0])
     if se == 0.0:
         return math.inf if mean > 0 else (0.0 if mean == 0 else -math.inf)
     return mean / se
 
 
 def _keep_start_unless_clearly_better(
-    module, initial, best_state, snapshots, x, w, min_gain_se, result
+    module, initial, start_rows, snapshots, x, w, min_gain_se, result
 ) -> None:
-    """Restore ``initial`` unless the kept weights (loaded) beat it on the validation rows
-    ``x`` by ``min_gain_se`` standard errors (:func:`gain_in_standard_errors`)."""
+    """Restore ``initial`` (whose rows of ``x`` scored ``start_rows``) unless the kept
+    weights (loaded) beat it on the validation rows ``x`` by ``min_gain_se`` standard errors
+    (:func:`gain_in_standard_errors`)."""
     trained = evaluate_log_prob(module, x)
-    snapshots.restore(initial)
-    start = evaluate_log_prob(module, x)
-    if gain_in_standard_errors(trained, start, w) >= min_gain_se:
-        snapshots.restore(best_state)
+    if gain_in_standard_errors(trained, start_rows, w) >= min_gain_se:
         return
+    snapshots.restore(initial)
     result.best_epoch = -1
-    result.best_score = float(_weighted_mean(start, w))
+    result.best_score = float(_weighted_mean(start_rows, w))
     result.start_kept_within_noise = True
 
 
@@ -526,7 +529,8 @@ def fit_flow(
     snapshots.keep(best_state)
     initial = _snapshot(module) if monitor_valid and min_gain_se > 0 else None
     if monitor_valid:
-        result.best_score = _initial_score(module, manual, x_valid, w_valid)
+        start_rows = _initial_rows(module, manual, x_valid)
+        result.best_score = float(_weighted_mean(start_rows, w_valid))
     elif keep_better and transform_batch is None and not exact_epoch_loss:
         # Without validation rows the initial weights compete on their exact training loss
         # (an epoch's loss is measured while its steps change the weights, so the first
@@ -597,7 +601,7 @@ def fit_flow(
         snapshots.restore(best_state)
         if initial is not None and result.best_epoch >= 0:
             _keep_start_unless_clearly_better(
-                module, initial, best_state, snapshots, x_valid, w_valid, min_gain_se, result
+                module, initial, start_rows, snapshots, x_valid, w_valid, min_gain_se, result
             )
     elif keep_better:
         kept = _keep_better_on_training_data(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ._reduce import logsumexp, softmax_from, sum_last
+from ._reduce import logsumexp, mean_and_standard_error, softmax_from, sum_last
 
 __all__ = [
     "SHRINKAGE_GRID",
@@ -398,13 +398,10 @@ def _one_standard_error_choice(fits: list, scores: list[Tensor], w: Tensor) -> M
     """The first (smallest) fit whose mean validation log-likelihood is within one standard
     error of the best one's, the error being that of the mean per-row difference between
     the two (rows scored by both fits, so what they share cancels)."""
-    n = w.shape[0]
     means = [_weighted_mean(v, w) for v in scores]
     top = max(range(len(fits)), key=means.__getitem__)
     for i, fit in enumerate(fits):
-        diff = scores[i] - scores[top]
-        mean = _weighted_mean(diff, w)
-        se = math.sqrt(max(_weighted_mean((diff - mean) ** 2, w), 0.0) / n)
+        mean, se = mean_and_standard_error(scores[i] - scores[top], w)
         if mean >= -se:
             return fit
     return fits[top]
@@ -537,9 +534,7 @@ def _unless_worse_on_validation(chosen, fits, valid_rows, w_valid) -> MixtureFit
         return chosen
     i = next(i for i, f in enumerate(fits) if f is chosen)
     j = next(j for j, f in enumerate(fits) if f is by_valid)
-    diff = valid_rows[i] - valid_rows[j]
-    mean = _weighted_mean(diff, w_valid)
-    se = math.sqrt(max(_weighted_mean((diff - mean) ** 2, w_valid), 0.0) / diff.shape[0])
+    mean, se = mean_and_standard_error(valid_rows[i] - valid_rows[j], w_valid)
     return by_valid if mean < -se else chosen
 
 
