@@ -37,6 +37,7 @@ class TrainResult:
     lr_drops: list[int] = field(default_factory=list)
     fit_seconds: float = 0.0
     start_kept_within_noise: bool = False
+    start_score: float = -math.inf  # the starting weights' validation score, if any
 
 
 def batch_slices(n: int, batch_size: int, min_size: int = 2) -> list[slice]:
@@ -530,7 +531,7 @@ def fit_flow(
     initial = _snapshot(module) if monitor_valid and min_gain_se > 0 else None
     if monitor_valid:
         start_rows = _initial_rows(module, manual, x_valid)
-        result.best_score = float(_weighted_mean(start_rows, w_valid))
+        result.best_score = result.start_score = float(_weighted_mean(start_rows, w_valid))
     elif keep_better and transform_batch is None and not exact_epoch_loss:
         # Without validation rows the initial weights compete on their exact training loss
         # (an epoch's loss is measured while its steps change the weights, so the first

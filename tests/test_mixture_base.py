@@ -228,7 +228,9 @@ def test_auto_weight_decay_is_a_unit_prior_on_few_rows(monkeypatch, alpha, n, ex
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         RealNVPDensity(alpha=alpha, max_iter=1, random_state=0).fit(X)
-    assert seen == [pytest.approx(expected)]
+    assert seen[0] == pytest.approx(expected)  # the fit's; then its folds' (40 rows), if any
+    if alpha == "auto" and n == 40:
+        assert seen[1:] == [pytest.approx(1 / 28)] * 5  # 32 rows a fold, 4 of them held out
 
 
 def test_forty_rows_do_not_tear_deep_holes():
@@ -259,6 +261,13 @@ def test_fewer_rows_than_features_give_a_shrunk_base_not_a_spike(early_stopping)
     assert est.score(X_new) > -45.0
 
 
+def _start_of(train, seed):
+    """The estimator whose couplings cannot move: its fit is the start of training."""
+    return RealNVPDensity(
+        random_state=seed, device="cpu", max_iter=1, learning_rate_init=1e-12
+    ).fit(train)
+
+
 def test_couplings_that_beat_the_start_by_noise_are_not_kept():
     # Iris, 101 training and 11 validation rows: the best epoch scored the validation rows
     # 0.12 nat above the Gaussian-mixture start, 0.6 standard errors; the trained flow scored
@@ -272,9 +281,95 @@ def test_couplings_that_beat_the_start_by_noise_are_not_kept():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         fitted = RealNVPDensity(random_state=5, device="cpu").fit(train)
-        start = RealNVPDensity(
-            random_state=5, device="cpu", max_iter=1, learning_rate_init=1e-12
-        ).fit(train)
+        start = _start_of(train, seed=5)
     assert fitted.n_iter_ > 1
     assert fitted.best_validation_score_ < max(fitted.validation_scores_)
     np.testing.assert_allclose(fitted.score_samples(test), start.score_samples(test), rtol=1e-9)
+
+
+def _iris_split(seed):
+    """benchmarks/bench_small.py's split of iris: 112 training and 38 test rows."""
+    from sklearn.datasets import load_iris
+
+    X = load_iris().data
+    order = np.random.default_rng(seed).permutation(len(X))
+    return X[order[:112]], X[order[112:]]
+
+
+def test_couplings_that_lose_out_of_fold_are_not_kept():
+    # Iris, seed 8: the best epoch beat the Gaussian-mixture start on the 12 validation rows
+    # by 2.5 standard errors, and the trained flow scored the 38 test rows 0.74 nat a row
+    # below the start (-2.89 against -2.15). The same fit repeated without each of five
+    # folds of the 112 rows scored the held-out rows below its own start, so the start is
+    # kept (the fit is then the same model as one whose couplings cannot move).
+    train, test = _iris_split(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fitted = RealNVPDensity(random_state=8, device="cpu").fit(train)
+        start = _start_of(train, seed=8)
+    assert fitted.n_iter_ > 1 and fitted.best_validation_score_ < max(fitted.validation_scores_)
+    # (The kept start is the float64 one; the reference's went through float32 training.)
+    np.testing.assert_allclose(fitted.score_samples(test), start.score_samples(test), rtol=1e-6)
+
+
+def test_couplings_that_gain_out_of_fold_are_kept(capsys, monkeypatch):
+    # 300 rows of two moons on a standard normal base: the couplings are the whole model,
+    # and out of fold they beat their start by many standard errors.
+    X = datasets.make_moons(300, noise=0.05, random_state=0)
+    T = datasets.make_moons(2000, noise=0.05, random_state=1)
+    fitted = RealNVPDensity(base="normal", max_iter=30, random_state=0, device="cpu", verbose=1)
+    calls = []
+    train = RealNVPDensity._train
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(RealNVPDensity, "_train", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fitted.fit(X)
+    monkeypatch.undo()
+    assert "trained kept" in capsys.readouterr().out
+    assert len(calls) == 1 + 5  # the fit (2-D: no whitening candidate), then each fold's
+    start = RealNVPDensity(base="normal", max_iter=1, learning_rate_init=1e-12, random_state=0)
+    assert fitted.score(T) > start.fit(X).score(T) + 0.5
+
+
+def test_out_of_fold_check_needs_at_most_a_thousand_rows():
+    rows = RealNVPDensity()._cross_validation_rows
+    assert rows(np.ones(1001)) is None
+    weights = np.ones(1010)
+    weights[[0, 5, 9, 20, 30, 40, 50, 60, 70, 80]] = 0.0  # 1,000 rows with positive weight
+    np.testing.assert_array_equal(rows(weights), np.flatnonzero(weights))
+    assert rows(np.ones(9)) is None  # too few for five folds
+    np.testing.assert_array_equal(rows(np.ones(10)), np.arange(10))
+
+
+def test_a_fold_that_cannot_be_fitted_leaves_the_choice_to_the_validation_rows(monkeypatch):
+    # The validation rows' one-standard-error rule decides, as above the row limit: the same
+    # model as a fit whose cross-validation is switched off.
+    train, test = _iris_split(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        monkeypatch.setattr(density_module, "_CV_MAX_ROWS", 0)
+        split_only = RealNVPDensity(random_state=8, device="cpu").fit(train)
+        monkeypatch.undo()
+        build = RealNVPDensity._build_module
+        calls = []
+
+        def build_once(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) > 1:
+                raise ValueError("a fold that cannot be fitted")
+            return build(self, *args, **kwargs)
+
+        monkeypatch.setattr(RealNVPDensity, "_build_module", build_once)
+        fallback = RealNVPDensity(random_state=8, device="cpu").fit(train)
+        monkeypatch.undo()
+        start = _start_of(train, seed=8)
+    assert len(calls) == 2
+    assert abs(split_only.score(test) - start.score(test)) > 0.1  # the split kept training
+    np.testing.assert_allclose(
+        fallback.score_samples(test), split_only.score_samples(test), rtol=1e-9
+    )

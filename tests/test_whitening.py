@@ -12,6 +12,7 @@ from scipy.stats import multivariate_normal
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 
+import sknvp._density as density_module
 from sknvp import RealNVPDensity, RealNVPImageDensity
 from sknvp.flows import build_realnvp
 from sknvp.transforms import TriangularWhitening
@@ -150,6 +151,8 @@ def test_auto_trains_each_candidate_once(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(RealNVPDensity, "_train", counting)
+    # (Not the out-of-fold check's refits of the kept candidate: tests/test_mixture_base.py.)
+    monkeypatch.setattr(density_module, "_CV_MAX_ROWS", 0)
     RealNVPDensity(**TINY, max_iter=2).fit(_correlated(100, d=3))
     assert len(calls) == 2
     calls.clear()
