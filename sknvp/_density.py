@@ -79,8 +79,8 @@ _MIN_GAIN_SE = 1.0  # standard errors the best epoch must beat the start by on v
 # Up to _CV_MAX_ROWS rows with positive weight (and at least _CV_FOLDS * 2), that gain is
 # measured on every row instead, out of fold, by refitting on _CV_FOLDS folds: a validation
 # split of under 100 rows is too few to tell the trained couplings from their start (on 112
-# rows of iris they were kept in 13 fits of 20 and lost 0.09 nat a row on average; out of
-# fold they lost in all 20). See docs/benchmarks.md, "Keeping the couplings on small data".
+# rows of iris they were kept in 13 fits of 20 and lost 0.13 nat a row on average; out of
+# fold they lost in 19 of 20). See docs/benchmarks.md, "Keeping the couplings on small data".
 _CV_MAX_ROWS = 1000
 _CV_FOLDS = 5
 _AUTO_ALPHA = 1e-3  # alpha="auto": this weight decay, or 1 / n_train where that is larger
