@@ -909,8 +909,13 @@ class RealNVPDensity(
         """Restore ``start`` (the fitted flow before training) unless the same fit, repeated
         without each of ``_CV_FOLDS`` folds of ``rows``, scores the held-out rows at least
         ``_MIN_GAIN_SE`` standard errors above its own start (paired per row). If a fold
-        cannot be fitted, this fit's validation rows ``valid_idx`` decide instead."""
-        gains = self._out_of_fold_rows(X, sample_weight, rows, spec, seed, device)
+        cannot be fitted, or the refits are interrupted, this fit's validation rows
+        ``valid_idx`` decide instead."""
+        try:
+            gains = self._out_of_fold_rows(X, sample_weight, rows, spec, seed, device)
+        except KeyboardInterrupt:  # as in training: stop, keep what the fit has, and warn
+            result.interrupted = True
+            gains = None
         if gains is None:  # the validation split's rule, as without cross-validation
             gains = self._paired_rows(start, X, valid_idx) + (sample_weight[valid_idx],)
         trained, started, w = gains

@@ -373,3 +373,24 @@ def test_a_fold_that_cannot_be_fitted_leaves_the_choice_to_the_validation_rows(m
     np.testing.assert_allclose(
         fallback.score_samples(test), split_only.score_samples(test), rtol=1e-9
     )
+
+
+def test_interrupting_the_out_of_fold_refits_keeps_the_validation_rows_choice(monkeypatch):
+    # Ctrl-C during the refits ends the fit as it does during training: a fitted model, the
+    # validation rows' one-standard-error rule, and a warning.
+    train, test = _iris_split(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        monkeypatch.setattr(density_module, "_CV_MAX_ROWS", 0)
+        split_only = RealNVPDensity(random_state=8, device="cpu").fit(train)
+    monkeypatch.undo()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RealNVPDensity, "_out_of_fold_rows", interrupted)
+    with pytest.warns(UserWarning, match="interrupted"):
+        fitted = RealNVPDensity(random_state=8, device="cpu").fit(train)
+    np.testing.assert_allclose(
+        fitted.score_samples(test), split_only.score_samples(test), rtol=1e-9
+    )
