@@ -916,12 +916,14 @@ class RealNVPDensity(
         except KeyboardInterrupt:  # as in training: stop, keep what the fit has, and warn
             result.interrupted = True
             gains = None
+        where = "out of fold"
         if gains is None:  # the validation split's rule, as without cross-validation
             gains = self._paired_rows(start, X, valid_idx) + (sample_weight[valid_idx],)
+            where = "on the validation rows"
         trained, started, w = gains
         z = gain_in_standard_errors(trained, started, torch.as_tensor(w))
         if self.verbose:
-            print(f"trained couplings against their start, out of fold: {z:+.2f} standard "
+            print(f"trained couplings against their start, {where}: {z:+.2f} standard "
                   f"errors; {'trained' if z >= _MIN_GAIN_SE else 'start'} kept")
         if z >= _MIN_GAIN_SE:
             return

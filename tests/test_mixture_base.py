@@ -375,7 +375,9 @@ def test_a_fold_that_cannot_be_fitted_leaves_the_choice_to_the_validation_rows(m
     )
 
 
-def test_interrupting_the_out_of_fold_refits_keeps_the_validation_rows_choice(monkeypatch):
+def test_interrupting_the_out_of_fold_refits_keeps_the_validation_rows_choice(
+    monkeypatch, capsys
+):
     # Ctrl-C during the refits ends the fit as it does during training: a fitted model, the
     # validation rows' one-standard-error rule, and a warning.
     train, test = _iris_split(8)
@@ -390,7 +392,8 @@ def test_interrupting_the_out_of_fold_refits_keeps_the_validation_rows_choice(mo
 
     monkeypatch.setattr(RealNVPDensity, "_out_of_fold_rows", interrupted)
     with pytest.warns(UserWarning, match="interrupted"):
-        fitted = RealNVPDensity(random_state=8, device="cpu").fit(train)
+        fitted = RealNVPDensity(random_state=8, device="cpu", verbose=1).fit(train)
+    assert "start, on the validation rows:" in capsys.readouterr().out
     np.testing.assert_allclose(
         fitted.score_samples(test), split_only.score_samples(test), rtol=1e-9
     )
