@@ -76,13 +76,12 @@ _CPU_CHUNK_BYTES = 2**20
 _CPU_BASE_CHUNK_BYTES = 2**22
 _GLOBAL_RNG_LOCK = threading.Lock()
 _MIN_GAIN_SE = 1.0  # standard errors the best epoch must beat the start by on validation
-# Up to _CV_MAX_ROWS rows with positive weight (and at least _CV_FOLDS * 2), that gain is
-# measured on every row instead, out of fold, by refitting on _CV_FOLDS folds: a validation
+# Up to _CV_MAX_ROWS rows with positive weight (and at least 2 * couplings_cv), that gain is
+# measured on every row instead, out of fold, by refitting on couplings_cv folds: a validation
 # split of under 100 rows is too few to tell the trained couplings from their start (on 112
 # rows of iris they were kept in 13 fits of 20 and lost 0.13 nat a row on average; out of
 # fold they lost in 19 of 20). See docs/benchmarks.md, "Keeping the couplings on small data".
 _CV_MAX_ROWS = 1000
-_CV_FOLDS = 5
 _AUTO_ALPHA = 1e-3  # alpha="auto": this weight decay, or 1 / n_train where that is larger
 # Rows EM sees when it starts a mixture base: at most _EM_MAX_ROWS, and fewer (down to
 # _EM_MIN_ROWS) where rows * features**2 (the cost of one EM iteration per component) would
@@ -365,13 +364,17 @@ class RealNVPDensity(
         one standard error of the per-row difference on those rows: the best of many epochs'
         scores is biased upwards against the start's one score, and then the start is kept
         (``best_validation_score_`` is its score, below some of ``validation_scores_``).
-        With 10 to 1,000 rows of positive weight, a validation split is too small for that
-        test, and every row takes part instead: the fit (at the chosen whitening and mixture
-        size) is repeated without each of 5 folds, and the trained couplings are kept only if
-        they score the held-out rows at least one standard error above their own start.
-        That takes about five times as long as one fit.
+        On at most 1,000 rows that choice is made out of fold instead (``couplings_cv``).
     validation_fraction : float, default=0.1
         Fraction of rows held out when ``early_stopping`` is on.
+    couplings_cv : int or None, default=5
+        With ``early_stopping`` and 2 x ``couplings_cv`` to 1,000 rows of positive weight, a
+        validation split is too small to tell trained couplings from their start, and every
+        row takes part instead: the fit (at the whitening and mixture size it chose) is
+        repeated without each of ``couplings_cv`` folds of the rows, and the trained
+        couplings are kept only if they score the held-out rows at least one standard error
+        above each refit's own start. That takes about ``couplings_cv`` times as long as one
+        fit. ``None`` leaves the decision to the validation split, as on more rows.
     n_iter_no_change : int, default=20
         Epochs without an improvement of at least ``tol`` before stopping. A plateau
         reached while the learning rate is still above a tenth of ``learning_rate_init``
@@ -482,6 +485,7 @@ class RealNVPDensity(
         "clip_conditioner_inputs": ["boolean"],
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "couplings_cv": [Interval(Integral, 2, None, closed="left"), None],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "warm_start": ["boolean"],
@@ -514,6 +518,7 @@ class RealNVPDensity(
         clip_conditioner_inputs=True,
         early_stopping=True,
         validation_fraction=0.1,
+        couplings_cv=5,
         n_iter_no_change=20,
         tol=1e-4,
         warm_start=False,
@@ -542,6 +547,7 @@ class RealNVPDensity(
         self.clip_conditioner_inputs = clip_conditioner_inputs
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
+        self.couplings_cv = couplings_cv
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
         self.warm_start = warm_start
@@ -898,16 +904,18 @@ class RealNVPDensity(
     def _cross_validation_rows(self, sample_weight) -> np.ndarray | None:
         """Hook: the rows whose out-of-fold scores decide whether the trained couplings are
         kept over their start (the positive-weight rows, if there are at least
-        ``2 * _CV_FOLDS`` and at most ``_CV_MAX_ROWS``), or None to leave it to the
+        ``2 * couplings_cv`` and at most ``_CV_MAX_ROWS``), or None to leave it to the
         validation split alone."""
+        if self.couplings_cv is None:
+            return None
         rows = np.flatnonzero(sample_weight > 0)
-        return rows if 2 * _CV_FOLDS <= len(rows) <= _CV_MAX_ROWS else None
+        return rows if 2 * self.couplings_cv <= len(rows) <= _CV_MAX_ROWS else None
 
     def _keep_couplings_if_they_gain_out_of_fold(
         self, X, sample_weight, rows, valid_idx, spec, start, result, seed, device
     ) -> None:
         """Restore ``start`` (the fitted flow before training) unless the same fit, repeated
-        without each of ``_CV_FOLDS`` folds of ``rows``, scores the held-out rows at least
+        without each of ``couplings_cv`` folds of ``rows``, scores the held-out rows at least
         ``_MIN_GAIN_SE`` standard errors above its own start (paired per row). If a fold
         cannot be fitted, or the refits are interrupted, this fit's validation rows
         ``valid_idx`` decide instead."""
@@ -950,7 +958,7 @@ class RealNVPDensity(
         if getattr(self.module_, "base", None) is not None and self.n_components == "auto":
             fold_fit.set_params(n_components=self.n_components_)
         rng = np.random.RandomState(seed % 2**32)
-        folds = np.array_split(rows[rng.permutation(len(rows))], _CV_FOLDS)
+        folds = np.array_split(rows[rng.permutation(len(rows))], self.couplings_cv)
         trained, started, order = [], [], []
         for k, held in enumerate(folds):
             fit_rows = np.concatenate(folds[:k] + folds[k + 1:])

@@ -205,6 +205,7 @@ class RealNVPImageDensity(RealNVPDensity):
                 "input_noise",  # images get dequantisation noise instead
                 "clip_conditioner_inputs",  # vector flows only
                 "base", "n_components", "refit_base",  # the multi-scale flow: standard normal
+                "couplings_cv",  # the validation split decides (_cross_validation_rows)
             )
         },
         "image_shape": [None, tuple, list],

@@ -227,6 +227,7 @@ def _estimator(cfg: StudyConfig, fit: Fit, **overrides):
         random_state=fit.seed, device=cfg.device,
         base="normal",  # the study's flows, as the paper's, map to a standard normal
         alpha=0.0,  # and train without weight decay, as the study did
+        couplings_cv=None,  # its early stopping had only the validation split
     )
     return RealNVPDensity(**{**params, **overrides})
 

@@ -344,6 +344,35 @@ def test_out_of_fold_check_needs_at_most_a_thousand_rows():
     np.testing.assert_array_equal(rows(weights), np.flatnonzero(weights))
     assert rows(np.ones(9)) is None  # too few for five folds
     np.testing.assert_array_equal(rows(np.ones(10)), np.arange(10))
+    assert RealNVPDensity(couplings_cv=3)._cross_validation_rows(np.ones(6)) is not None
+    assert RealNVPDensity(couplings_cv=None)._cross_validation_rows(np.ones(100)) is None
+
+
+@pytest.mark.parametrize("couplings_cv, refits", [(None, 0), (3, 3)])
+def test_couplings_cv_sets_the_number_of_refits(monkeypatch, couplings_cv, refits):
+    calls = []
+    train = RealNVPDensity._train
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(RealNVPDensity, "_train", counting)
+    X = datasets.make_moons(300, noise=0.05, random_state=0)
+    est = RealNVPDensity(base="normal", max_iter=10, couplings_cv=couplings_cv,
+                         random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X)
+    assert len(calls) == 1 + refits
+
+
+@pytest.mark.parametrize("bad", [0, 1, 2.5, "5"])
+def test_couplings_cv_is_validated(bad):
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="couplings_cv"):
+        RealNVPDensity(couplings_cv=bad).fit(np.random.RandomState(0).normal(size=(20, 2)))
 
 
 def test_a_fold_that_cannot_be_fitted_leaves_the_choice_to_the_validation_rows(monkeypatch):
