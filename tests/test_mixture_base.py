@@ -312,12 +312,8 @@ def test_couplings_that_lose_out_of_fold_are_not_kept():
     np.testing.assert_allclose(fitted.score_samples(test), start.score_samples(test), rtol=1e-6)
 
 
-def test_couplings_that_gain_out_of_fold_are_kept(capsys, monkeypatch):
-    # 300 rows of two moons on a standard normal base: the couplings are the whole model,
-    # and out of fold they beat their start by many standard errors.
-    X = datasets.make_moons(300, noise=0.05, random_state=0)
-    T = datasets.make_moons(2000, noise=0.05, random_state=1)
-    fitted = RealNVPDensity(base="normal", max_iter=30, random_state=0, device="cpu", verbose=1)
+def _count_trainings(monkeypatch) -> list:
+    """A list that grows by one for every training run (the fit's and each refit's)."""
     calls = []
     train = RealNVPDensity._train
 
@@ -326,6 +322,16 @@ def test_couplings_that_gain_out_of_fold_are_kept(capsys, monkeypatch):
         return train(self, *args, **kwargs)
 
     monkeypatch.setattr(RealNVPDensity, "_train", counting)
+    return calls
+
+
+def test_couplings_that_gain_out_of_fold_are_kept(capsys, monkeypatch):
+    # 300 rows of two moons on a standard normal base: the couplings are the whole model,
+    # and out of fold they beat their start by many standard errors.
+    X = datasets.make_moons(300, noise=0.05, random_state=0)
+    T = datasets.make_moons(2000, noise=0.05, random_state=1)
+    fitted = RealNVPDensity(base="normal", max_iter=30, random_state=0, device="cpu", verbose=1)
+    calls = _count_trainings(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         fitted.fit(X)
@@ -350,14 +356,7 @@ def test_out_of_fold_check_needs_at_most_a_thousand_rows():
 
 @pytest.mark.parametrize("couplings_cv, refits", [(None, 0), (3, 3)])
 def test_couplings_cv_sets_the_number_of_refits(monkeypatch, couplings_cv, refits):
-    calls = []
-    train = RealNVPDensity._train
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return train(self, *args, **kwargs)
-
-    monkeypatch.setattr(RealNVPDensity, "_train", counting)
+    calls = _count_trainings(monkeypatch)
     X = datasets.make_moons(300, noise=0.05, random_state=0)
     est = RealNVPDensity(base="normal", max_iter=10, couplings_cv=couplings_cv,
                          random_state=0, device="cpu")
