@@ -175,12 +175,12 @@ plt.show()
 # ----------
 # On this problem, augmentation with flow samples does **not** improve the classifiers. In
 # our full run (six training sets) the flow samples cost 1-nearest neighbour about two
-# points of accuracy on average and the RBF SVM about one; the decision tree lost 0.1 on
-# average, moving by up to three points either way depending on the training set. Ten
-# times as many synthetic rows were worse still for 1-nearest neighbour (four points) and
-# no better for the tree and the SVM. A kernel density with a cross-validated bandwidth
-# lost as much for 1-nearest neighbour, 0.4 points for the tree, and gained 0.3 points on
-# the SVM. The reason is visible in the last figure: the samples carry no
+# points of accuracy on average and the RBF SVM about one and a half; the decision tree
+# lost 0.2 on average, moving by up to four points either way depending on the training
+# set. Ten times as many synthetic rows were worse still: four and a half points for
+# 1-nearest neighbour, about two for the tree and the SVM. A kernel density with a
+# cross-validated bandwidth lost as much for 1-nearest neighbour, 0.4 points for the tree,
+# and gained 0.3 points on the SVM. The reason is visible in the last figure: the samples carry no
 # information the density did not get from the same few rows, and a density fitted to 32
 # rows is blurrier than the truth, so its samples spill across the class boundary and
 # teach the classifier wrong labels.
