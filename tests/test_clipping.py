@@ -314,7 +314,10 @@ def test_a_held_out_digit_far_out_along_one_pixel_is_not_stretched():
     # mixture's; clipped it scores -731 (the mixture: -710). Since the mixture's size is
     # cross-validated and weight decay is 1 / n_train on few rows (2026-12-07), the
     # unclipped flow stretches it less (-3,342 nats, the held-out mean 17 nats lower) and
-    # the clipped one scores -544.
+    # the clipped one scores -544; with the size's validation check at two standard errors
+    # (four components) -2,492 and -707, the held-out mean 10.8 nats lower. The couplings
+    # must be trained for this: out of fold (the default on 500 rows) they beat their start
+    # by only 0.8 standard errors, so the start would be kept and there is nothing to clip.
     from sklearn.datasets import load_digits
 
     rng = np.random.default_rng(1001)
@@ -322,12 +325,12 @@ def test_a_held_out_digit_far_out_along_one_pixel_is_not_stretched():
     X = X[rng.permutation(len(X))[:667]] + rng.uniform(size=(667, 64))
     order = np.random.default_rng(1).permutation(len(X))
     train, test = X[order[:500]], X[order[500:]]
-    clipped = RealNVPDensity(random_state=1).fit(train)
+    clipped = RealNVPDensity(random_state=1, couplings_cv=None).fit(train)
     plain = clone_unclipped(clipped).fit(train)
     s_clipped, s_plain = clipped.score_samples(test), plain.score_samples(test)
     np.testing.assert_allclose(clipped.score_samples(train), plain.score_samples(train), 1e-10)
-    assert s_plain.min() < -2500 and s_clipped.min() > -1000
-    assert s_clipped.mean() > s_plain.mean() + 10
+    assert s_plain.min() < -2000 and s_clipped.min() > -1000
+    assert s_clipped.mean() > s_plain.mean() + 5
 
 
 def clone_unclipped(est):
