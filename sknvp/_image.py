@@ -434,7 +434,7 @@ class RealNVPImageDensity(RealNVPDensity):
         return show
 
     def _cross_validation_rows(self, sample_weight) -> np.ndarray | None:
-        """Images are left to the validation split: each of the out-of-fold check's five
+        """Images are left to the validation split: each of the out-of-fold check's
         refits would be a full multi-scale fit (and its dequantisation noise would need its
         own stream); :class:`RealNVPDensity` cross-validates up to 1,000 rows."""
         return None

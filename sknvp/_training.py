@@ -408,7 +408,7 @@ def _keep_start_unless_clearly_better(
         return
     snapshots.restore(initial)
     result.best_epoch = -1
-    result.best_score = float(_weighted_mean(start_rows, w))
+    result.best_score = result.start_score
     result.start_kept_within_noise = True
 
 

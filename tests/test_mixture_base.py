@@ -268,6 +268,13 @@ def _start_of(train, seed):
     ).fit(train)
 
 
+def _split_only(train, seed):
+    """The default fit with the validation split alone deciding about the couplings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return RealNVPDensity(random_state=seed, device="cpu", couplings_cv=None).fit(train)
+
+
 def test_couplings_that_beat_the_start_by_noise_are_not_kept():
     # Iris, 101 training and 11 validation rows: the best epoch scored the validation rows
     # 0.12 nat above the Gaussian-mixture start, 0.6 standard errors; the trained flow scored
@@ -378,11 +385,9 @@ def test_a_fold_that_cannot_be_fitted_leaves_the_choice_to_the_validation_rows(m
     # The validation rows' one-standard-error rule decides, as above the row limit: the same
     # model as a fit whose cross-validation is switched off.
     train, test = _iris_split(8)
+    split_only = _split_only(train, seed=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        monkeypatch.setattr(density_module, "_CV_MAX_ROWS", 0)
-        split_only = RealNVPDensity(random_state=8, device="cpu").fit(train)
-        monkeypatch.undo()
         build = RealNVPDensity._build_module
         calls = []
 
@@ -409,11 +414,7 @@ def test_interrupting_the_out_of_fold_refits_keeps_the_validation_rows_choice(
     # Ctrl-C during the refits ends the fit as it does during training: a fitted model, the
     # validation rows' one-standard-error rule, and a warning.
     train, test = _iris_split(8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        monkeypatch.setattr(density_module, "_CV_MAX_ROWS", 0)
-        split_only = RealNVPDensity(random_state=8, device="cpu").fit(train)
-    monkeypatch.undo()
+    split_only = _split_only(train, seed=8)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

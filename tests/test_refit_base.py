@@ -24,6 +24,8 @@ from sknvp.mixture import GaussianMixtureBase
 
 FAST = {"n_couplings": 2, "hidden_layer_sizes": (16,), "max_iter": 6, "batch_size": 128,
         "learning_rate_init": 5e-3, "random_state": 0, "device": "cpu"}
+# Trained couplings on 600 rows: without the out-of-fold check, which keeps the start there.
+FAST_NO_CV = {**FAST, "couplings_cv": None}
 
 
 @pytest.fixture(autouse=True)
@@ -143,11 +145,9 @@ def test_a_kept_em_start_is_refitted_to_all_rows_and_scores_new_rows_higher():
 def test_trained_couplings_refit_only_if_em_on_the_training_rows_wins_validation(
     monkeypatch
 ):
-    # Trained couplings on 600 rows: without the out-of-fold check, which keeps the start here.
-    monkeypatch.setattr(density_module, "_CV_MAX_ROWS", 0)
     X = datasets.make_moons(600, noise=0.1, random_state=0)
     calls = _record_refits(monkeypatch)
-    est = RealNVPDensity(**FAST).fit(X)
+    est = RealNVPDensity(**FAST_NO_CV).fit(X)
     assert est.n_iter_ > 0 and max(est.validation_scores_) >= est.best_validation_score_
     n_valid = 60
     assert calls[0][0] == len(X) - n_valid  # first EM on the training rows alone
@@ -166,22 +166,20 @@ def test_trained_couplings_refit_only_if_em_on_the_training_rows_wins_validation
         return out
 
     monkeypatch.setattr(density_module, "refit_gaussian_mixture", worse)
-    kept = RealNVPDensity(**FAST).fit(X)
-    plain = RealNVPDensity(refit_base=False, **FAST).fit(X)
+    kept = RealNVPDensity(**FAST_NO_CV).fit(X)
+    plain = RealNVPDensity(refit_base=False, **FAST_NO_CV).fit(X)
     assert calls == [len(X) - n_valid]
     torch.testing.assert_close(kept.module_.state_dict(), plain.module_.state_dict())
     np.testing.assert_array_equal(kept.score_samples(X), plain.score_samples(X))
 
 
 def test_em_that_wins_on_the_validation_rows_replaces_the_trained_mixture(monkeypatch):
-    # Trained couplings on 600 rows: without the out-of-fold check, which keeps the start here.
-    monkeypatch.setattr(density_module, "_CV_MAX_ROWS", 0)
     X = datasets.make_moons(600, noise=0.1, random_state=0)
     monkeypatch.setattr(density_module, "mean_log_likelihood",
                         lambda fit, x, w=None: 1.0 if np.isnan(fit.log_likelihood) else 2.0)
     calls = _record_refits(monkeypatch)
-    est = RealNVPDensity(**FAST).fit(X)
-    plain = RealNVPDensity(refit_base=False, **FAST).fit(X)
+    est = RealNVPDensity(**FAST_NO_CV).fit(X)
+    plain = RealNVPDensity(refit_base=False, **FAST_NO_CV).fit(X)
     assert [n for n, _ in calls] == [len(X) - 60, len(X)]
     assert not torch.allclose(est.module_.base.means, plain.module_.base.means)
     s = est.score_samples(X)

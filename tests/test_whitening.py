@@ -12,7 +12,6 @@ from scipy.stats import multivariate_normal
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 
-import sknvp._density as density_module
 from sknvp import RealNVPDensity, RealNVPImageDensity
 from sknvp.flows import build_realnvp
 from sknvp.transforms import TriangularWhitening
@@ -152,14 +151,14 @@ def test_auto_trains_each_candidate_once(monkeypatch):
 
     monkeypatch.setattr(RealNVPDensity, "_train", counting)
     # (Not the out-of-fold check's refits of the kept candidate: tests/test_mixture_base.py.)
-    monkeypatch.setattr(density_module, "_CV_MAX_ROWS", 0)
-    RealNVPDensity(**TINY, max_iter=2).fit(_correlated(100, d=3))
+    tiny = {**TINY, "couplings_cv": None}
+    RealNVPDensity(**tiny, max_iter=2).fit(_correlated(100, d=3))
     assert len(calls) == 2
     calls.clear()
-    RealNVPDensity(**TINY, max_iter=2, whiten=False).fit(_correlated(100, d=3))
+    RealNVPDensity(**tiny, max_iter=2, whiten=False).fit(_correlated(100, d=3))
     assert len(calls) == 1
     calls.clear()  # a mixture base starts from full covariances: nothing to compare
-    est = RealNVPDensity(**{**TINY, "base": "mixture"}, max_iter=2).fit(_correlated(100, d=3))
+    est = RealNVPDensity(**{**tiny, "base": "mixture"}, max_iter=2).fit(_correlated(100, d=3))
     assert len(calls) == 1 and est.whiten_ is False
 
 
