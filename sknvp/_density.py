@@ -54,6 +54,7 @@ from .em import (
     select_gaussian_mixture,
 )
 from .flows import RealNVPFlow, _coupling_layers, build_realnvp, clip_conditioners
+from .kernel import KernelBase, fit_kernel, kernel_log_densities
 from .masks import MASK_TYPES
 from .mixture import GaussianMixtureBase
 from .nets import ACTIVATIONS, MLP
@@ -374,7 +375,12 @@ class RealNVPDensity(
         repeated without each of ``couplings_cv`` folds of the rows, and the trained
         couplings are kept only if they score the held-out rows at least one standard error
         above each refit's own start. That takes about ``couplings_cv`` times as long as one
-        fit. ``None`` leaves the decision to the validation split, as on more rows.
+        fit. With ``n_components="auto"``, the same folds then rate a kernel density
+        estimate (:mod:`sknvp.kernel`) of the rows in the coordinates the untrained flow
+        hands its base: if it scores the held-out rows a standard error above the flow so
+        kept, the fitted flow is the untrained one with that estimate on every row as its
+        base (``kernel_bandwidth_``). ``None`` leaves the decision to the validation split,
+        as on more rows, and never uses a kernel base.
     n_iter_no_change : int, default=20
         Epochs without an improvement of at least ``tol`` before stopping. A plateau
         reached while the learning rate is still above a tenth of ``learning_rate_init``
@@ -384,7 +390,9 @@ class RealNVPDensity(
     tol : float, default=1e-4
         Minimum improvement (nats per sample) that counts.
     warm_start : bool, default=False
-        Reuse the fitted flow and optimizer state as the start of the next :meth:`fit`.
+        Reuse the fitted flow and optimizer state as the start of the next :meth:`fit`. A
+        flow with a kernel base (``kernel_bandwidth_`` set) is fitted afresh instead, with a
+        warning: training would fit the kernels to the rows they are centred on.
     verbose : int, default=0
         Print one line per epoch when positive.
     random_state : int, RandomState instance or None, default=None
@@ -415,8 +423,15 @@ class RealNVPDensity(
         Whether the fitted flow starts with the full-covariance whitening (what ``"auto"``
         chose).
     n_components_ : int or None
-        Number of components of the fitted mixture base (what ``"auto"`` chose); None with
-        ``base="normal"``.
+        Number of components of the fitted mixture base (what ``"auto"`` chose; with a
+        kernel base, the number of rows of positive weight); None with ``base="normal"``.
+    kernel_bandwidth_ : float or None
+        Bandwidth :math:`h`, relative to the rows' covariance, of the kernel density
+        estimate that is the fitted flow's base, where the out-of-fold check chose one
+        (``couplings_cv``); None otherwise.
+    kernel_shape_ : {"full", "diagonal", "spherical"} or None
+        Shape of that estimate's kernels (:mod:`sknvp.kernel`: the rows' covariance, its
+        diagonal, or a multiple of the identity in the features' units); None without one.
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (n_features_in_,)
@@ -687,7 +702,16 @@ class RealNVPDensity(
         return order[n_valid:], order[:n_valid]
 
     def _is_warm(self) -> bool:
-        return bool(self.warm_start) and hasattr(self, "module_")
+        if not (self.warm_start and hasattr(self, "module_")):
+            return False
+        if getattr(self, "kernel_bandwidth_", None) is not None:
+            warnings.warn(
+                "warm_start=True, but the fitted flow's base is a kernel estimate on its "
+                "training rows, which further training would overfit: fitting afresh.",
+                UserWarning, stacklevel=3,
+            )
+            return False
+        return True
 
     @_fit_context(prefer_skip_nested_validation=True)
     @_undo_input_attrs_on_error
@@ -762,7 +786,7 @@ class RealNVPDensity(
                 best = (result, self._fitted_state(), spec, start)
         result, state, spec, start = best
         vars(self).update(state)
-        if start is not None and result.best_epoch >= 0 and not result.interrupted:
+        if start is not None and not result.interrupted:
             self._keep_couplings_if_they_gain_out_of_fold(
                 X, sample_weight, cv_rows, valid_idx, spec, start, result, seed, device
             )
@@ -918,28 +942,105 @@ class RealNVPDensity(
         without each of ``couplings_cv`` folds of ``rows``, scores the held-out rows at least
         ``_MIN_GAIN_SE`` standard errors above its own start (paired per row). If a fold
         cannot be fitted, or the refits are interrupted, this fit's validation rows
-        ``valid_idx`` decide instead."""
+        ``valid_idx`` decide instead. With an ``"auto"`` mixture base, a kernel estimate
+        then replaces the base of ``start`` if it beats the flow kept so by as much on the
+        same folds (:meth:`_use_kernel_base_if_it_gains`). Where no epoch beat the start,
+        the folds only build their starts, for that comparison."""
+        trained_any = result.best_epoch >= 0
+        if not (trained_any or self._may_use_kernel_base(start)):
+            return
         try:
-            gains = self._out_of_fold_rows(X, sample_weight, rows, spec, seed, device)
+            gains = self._out_of_fold_rows(
+                X, sample_weight, rows, spec, seed, device, train=trained_any
+            )
         except KeyboardInterrupt:  # as in training: stop, keep what the fit has, and warn
             result.interrupted = True
             gains = None
-        where = "out of fold"
+        if not trained_any:  # the fitted flow is its start already
+            if gains is not None:
+                *gains, folds = gains
+                self._use_kernel_base_if_it_gains(
+                    X, sample_weight, folds, start, gains[1], gains[2], result
+                )
+            return
+        where, folds = "out of fold", None
         if gains is None:  # the validation split's rule, as without cross-validation
             gains = self._paired_rows(start, X, valid_idx) + (sample_weight[valid_idx],)
             where = "on the validation rows"
+        else:
+            *gains, folds = gains
         trained, started, w = gains
         z = gain_in_standard_errors(trained, started, torch.as_tensor(w))
+        keep_trained = z >= _MIN_GAIN_SE
         if self.verbose:
             print(f"trained couplings against their start, {where}: {z:+.2f} standard "
-                  f"errors; {'trained' if z >= _MIN_GAIN_SE else 'start'} kept")
-        if z >= _MIN_GAIN_SE:
+                  f"errors; {'trained' if keep_trained else 'start'} kept")
+        if folds is not None and self._use_kernel_base_if_it_gains(
+            X, sample_weight, folds, start, trained if keep_trained else started, w, result
+        ):
+            return
+        if keep_trained:
             return
         self.module_ = start.to(device=self.device_, dtype=torch.float64).eval()
         result.best_epoch = -1
         result.best_score = result.start_score
         result.start_kept_within_noise = True
         self.best_validation_score_ = result.start_score
+
+    def _may_use_kernel_base(self, start) -> bool:
+        """Whether a kernel estimate may replace the mixture base of ``start``."""
+        return self.n_components == "auto" and getattr(start, "base", None) is not None
+
+    def _use_kernel_base_if_it_gains(
+        self, X, sample_weight, folds, start, kept, w, result
+    ) -> bool:
+        """With ``n_components="auto"`` and a mixture base: score each fold's rows by the
+        kernel estimate (:func:`~sknvp.kernel.fit_kernel`) of the other folds' rows, in the
+        coordinates ``start`` (affine) hands its base and with the shapes of the features'
+        axes; if that beats ``kept`` (the out-of-fold log-densities of the flow kept so
+        far, weights ``w``) by ``_MIN_GAIN_SE`` standard errors, make the fitted flow
+        ``start`` with the kernel estimate of every row of the folds as its base, and
+        return True."""
+        if not self._may_use_kernel_base(start):
+            return False
+        start = start.to(device=self.device_, dtype=torch.float64).eval()
+        rows = np.concatenate(folds)
+        x = torch.as_tensor(X[rows], dtype=torch.float64, device=self.device_)
+        with torch.no_grad():
+            U, log_det = start.transform(x)
+        # The map's Jacobian, scaled to its largest entry: the features' axes in U.
+        A = torch.autograd.functional.jacobian(
+            lambda v: start.transform(v[None])[0][0], x[0]
+        ).detach()
+        axes = A / A.abs().max()
+        weights = torch.as_tensor(sample_weight[rows], dtype=torch.float64, device=x.device)
+        held, ends = [], np.cumsum([len(f) for f in folds])
+        try:
+            for a, b in zip(ends - [len(f) for f in folds], ends, strict=True):
+                out = torch.ones(len(rows), dtype=torch.bool, device=x.device)
+                out[a:b] = False
+                fit = fit_kernel(U[out], weights[out], axes=axes)
+                held.append(kernel_log_densities(fit, U[a:b]) + log_det[a:b])
+            z = gain_in_standard_errors(torch.cat(held), kept, torch.as_tensor(w))
+            if self.verbose:
+                print(f"kernel base against the kept flow, out of fold: {z:+.2f} standard "
+                      f"errors; {'kernel' if z >= _MIN_GAIN_SE else 'flow'} kept")
+            if z < _MIN_GAIN_SE:
+                return False
+            fit = fit_kernel(U, weights, axes=axes)
+        except (ValueError, RuntimeError):  # e.g. a covariance no ridge makes positive
+            return False
+        start.base = KernelBase.from_fit(fit)
+        self.module_ = start
+        self._optimizer_state = None  # the trained fit's moments do not fit this base
+        self._kernel_base = True  # not to be refitted by EM
+        result.best_epoch = -1
+        result.best_score = result.start_score
+        result.start_kept_within_noise = True
+        self.best_validation_score_ = result.start_score
+        self.kernel_bandwidth_ = fit.bandwidth
+        self.kernel_shape_ = fit.shape
+        return True
 
     def _paired_rows(self, start, X, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-densities of rows ``X[rows]`` under the fitted flow and under ``start``."""
@@ -948,11 +1049,13 @@ class RealNVPDensity(
             start = start.to(device=self.device_, dtype=torch.float64)
             return evaluate_log_prob(self.module_, x), evaluate_log_prob(start, x)
 
-    def _out_of_fold_rows(self, X, sample_weight, rows, spec, seed, device):
+    def _out_of_fold_rows(self, X, sample_weight, rows, spec, seed, device, train=True):
         """``(trained, start, weights)`` for every row of ``rows``: its log-density under a
         fit without its fold (the flow of candidate ``spec``, the mixture base at the fitted
-        size, early stopping on a split of the fold's other rows) and under that fit's start;
-        None if a fold cannot be fitted."""
+        size, early stopping on a split of the fold's other rows) and under that fit's start,
+        then the folds (the rows held out, in that order); None if a fold cannot be
+        fitted. Without ``train`` the folds' starts are not trained (``trained`` is
+        ``start``)."""
         fold_fit = clone(self).set_params(verbose=0)
         fold_fit.n_features_in_ = self.n_features_in_
         if getattr(self.module_, "base", None) is not None and self.n_components == "auto":
@@ -962,29 +1065,35 @@ class RealNVPDensity(
         trained, started, order = [], [], []
         for k, held in enumerate(folds):
             fit_rows = np.concatenate(folds[:k] + folds[k + 1:])
-            train, valid = fold_fit._split(len(fit_rows), rng)
-            train, valid = fit_rows[train], fit_rows[valid]
+            train_rows, valid = fold_fit._split(len(fit_rows), rng)
+            train_rows, valid = fit_rows[train_rows], fit_rows[valid]
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     module = fold_fit._build_module(
-                        X[train], sample_weight[train], *spec, seed,
+                        X[train_rows], sample_weight[train_rows], *spec, seed,
                         valid=(X[valid], sample_weight[valid]),
                     )
-                    start = copy.deepcopy(module)
-                    fold_fit._train(
-                        module, X, sample_weight, train, valid, device, seed + 1, False,
-                        min_gain_se=0.0,
-                    )
-                    fold_fit._clip_conditioners(X[fit_rows], sample_weight[fit_rows])
+                    start = copy.deepcopy(module) if train else module
+                    if train:
+                        fold_fit._train(
+                            module, X, sample_weight, train_rows, valid, device, seed + 1,
+                            False, min_gain_se=0.0,
+                        )
+                        fold_fit._clip_conditioners(X[fit_rows], sample_weight[fit_rows])
             except (ValueError, RuntimeError):  # e.g. too few rows, a singular covariance
                 return None
-            pair = fold_fit._paired_rows(start, X, held)
+            if train:
+                pair = fold_fit._paired_rows(start, X, held)
+            else:
+                x = torch.as_tensor(X[held], dtype=torch.float64, device=self.device_)
+                start = start.to(device=self.device_, dtype=torch.float64)
+                pair = (evaluate_log_prob(start, x),) * 2
             trained.append(pair[0])
             started.append(pair[1])
             order.append(held)
         held = np.concatenate(order)
-        return torch.cat(trained), torch.cat(started), sample_weight[held]
+        return torch.cat(trained), torch.cat(started), sample_weight[held], order
 
     def _refit_base(self, X, sample_weight, train_idx, valid_idx, result, seed) -> None:
         """Hook: with ``refit_base``, a mixture base and validation rows, refit the trained
@@ -992,6 +1101,8 @@ class RealNVPDensity(
         the training rows alone must first score the validation rows higher, unless the
         fit kept its EM start)."""
         shrinkage = vars(self).pop("_start_shrinkage", 0.0)
+        if vars(self).pop("_kernel_base", False):  # a kernel estimate is not refitted by EM
+            return
         base = getattr(self.module_, "base", None)
         if not (self.refit_base and isinstance(base, GaussianMixtureBase) and len(valid_idx)):
             return
@@ -1110,6 +1221,7 @@ class RealNVPDensity(
 
     def _set_fitted(self, work, optimizer, result, device, warm) -> None:
         self.module_ = work.to(torch.float64).eval()
+        self.kernel_bandwidth_ = self.kernel_shape_ = None
         self._optimizer_state = optimizer.state_dict()
         self.device_ = device
         previous = self.n_iter_ if warm else 0

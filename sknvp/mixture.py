@@ -43,6 +43,8 @@ __all__ = ["GaussianMixtureBase", "standardized_residuals"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _LOG_HALF = math.log(0.5)
+# Above this many components, draw() gathers each row's factor instead of looping over them.
+_DRAW_LOOP_COMPONENTS = 64
 
 
 def _ndtri_exp(log_p: Tensor) -> Tensor:
@@ -277,8 +279,15 @@ class GaussianMixtureBase(nn.Module):
         (``noise`` scaled by a temperature gives proportionally narrower components)."""
         chol = self.covariance_cholesky()
         n, d = noise.shape
-        if n * d * d <= 2**20:  # one batched product over the rows' own factors
-            return self.means[components] + (chol[components] @ noise.unsqueeze(2)).squeeze(2)
+        rows = max(1, 2**20 // (d * d))
+        if n <= rows or self.n_components > _DRAW_LOOP_COMPONENTS:
+            # Batched products over the rows' own factors, in chunks of at most 2**20 values
+            # (a loop over components would pass over all rows once per component).
+            return torch.cat([
+                self.means[components[a:a + rows]]
+                + (chol[components[a:a + rows]] @ noise[a:a + rows].unsqueeze(2)).squeeze(2)
+                for a in range(0, n, rows)
+            ]) if n else noise.clone()
         out = torch.empty_like(noise)
         for k in range(self.n_components):
             rows = components == k

@@ -589,3 +589,21 @@ def test_two_rows_in_more_dimensions_get_an_isotropic_covariance():
     assert float(em.log_likelihoods(chosen, x + 0.5).min()) > -20.0
     wide = torch.as_tensor(np.random.RandomState(0).standard_normal((2, 1)))
     assert em.choose_shrinkage(fit_gaussian_mixture(wide, 1), wide).shrinkage == 0.0
+
+
+def test_draw_gathers_factors_for_many_components_as_the_loop_does(monkeypatch):
+    # More rows than one batched product takes (2**20 values) and more than 64 components:
+    # draw() gathers each row's factor in chunks instead of passing over all rows once per
+    # component; the points are the loop's.
+    from sknvp import mixture
+
+    mix = random_mixture(80, 3, 0)
+    gen = torch.Generator().manual_seed(1)
+    components = torch.randint(80, (120_000,), generator=gen)
+    noise = torch.randn(120_000, 3, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        gathered = mix.draw(components, noise)
+        monkeypatch.setattr(mixture, "_DRAW_LOOP_COMPONENTS", 10**9)
+        looped = mix.draw(components, noise)
+    np.testing.assert_allclose(gathered.numpy(), looped.numpy(), atol=1e-12)
+    assert mix.draw(components[:0], noise[:0]).shape == (0, 3)
