@@ -201,6 +201,18 @@ def test_small_data_script_quick_run(tmp_path):
     assert "(input_noise=0.05)" in text
 
 
+def test_small_data_script_small_2d_sets_score_a_separate_draw():
+    spec = importlib.util.spec_from_file_location("bench_small", SMALL_SCRIPT)
+    small = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(small)
+    for name in ("moons_150", "circles_150", "two_spirals_150"):
+        train, test = small.load(name, 3, False)
+        assert train.shape == (150, 2) and test.shape == (5000, 2)
+        # Test rows come from another draw, not from the training rows' own.
+        assert not np.isin(test[:, 0], train[:, 0]).any()
+        assert not np.array_equal(train, small.load(name, 4, False)[0])
+
+
 def test_per_epoch_matmul_calls_cancel_what_every_fit_does_once():
     # 2-epoch fit - 1-epoch fit: calls made once per fit (setup, final evaluation) cancel.
     bench = _load_script()
