@@ -115,14 +115,17 @@ def _weighted_mean(values: Tensor, w: Tensor) -> float:
     return float((floored * w).sum() / w.sum())
 
 
-def _best_bandwidth(score, grid: tuple[float, ...]) -> tuple[float, float]:
-    """The ``(score, h)`` of ``grid`` with the highest ``score(h)``: every other bandwidth
-    first, then the two beside the best of those (the likelihood is smooth in ``h``)."""
-    tried = {i: score(grid[i]) for i in range(0, len(grid), 2)}
-    top = max(tried, key=tried.get)
-    for i in (top - 1, top + 1):
-        if 0 <= i < len(grid) and i not in tried:
-            tried[i] = score(grid[i])
+def _best_bandwidth(score, grid: tuple[float, ...], step: int = 4) -> tuple[float, float]:
+    """The ``(score, h)`` of ``grid`` with the highest ``score(h)``, searched coarse to fine
+    (the likelihood is smooth in ``h``): every ``step``-th bandwidth, then the two at half
+    that distance beside the best so far, and so on down to the neighbours."""
+    tried = {i: score(grid[i]) for i in range(0, len(grid), step)}
+    while step > 1:
+        step //= 2
+        top = max(tried, key=tried.get)
+        for i in (top - step, top + step):
+            if 0 <= i < len(grid) and i not in tried:
+                tried[i] = score(grid[i])
     top = max(tried, key=tried.get)
     return tried[top], grid[top]
 
@@ -168,6 +171,8 @@ def fit_kernel(
     # The others' weights, renormalised: log w_j - log(1 - w_i).
     log_w = torch.log(w)
     rest = torch.log1p(-w)
+    if x.shape[1] == 1:  # one feature: the three shapes are the same kernel
+        shapes = shapes[:1]
     best = (-math.inf, grid[0], shapes[0], None)
     for shape in shapes:
         try:

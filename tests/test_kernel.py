@@ -128,7 +128,8 @@ def test_axes_carry_the_shapes_of_the_original_features(d, seed):
     assert (mapped.shape, mapped.bandwidth) == (fit.shape, fit.bandwidth)
     np.testing.assert_allclose(
         kernel_log_densities(mapped, q @ a.T + b).numpy(),
-        kernel_log_densities(fit, q).numpy() - float(torch.linalg.slogdet(a)[1]), atol=1e-6,
+        kernel_log_densities(fit, q).numpy() - float(torch.linalg.slogdet(a)[1]),
+        rtol=1e-6, atol=1e-6,
     )
 
 
@@ -194,7 +195,9 @@ def test_kernel_base_is_the_mixture_with_one_shared_factor(k, d, seed):
         z_full, log_det_full = full(u)
         np.testing.assert_allclose(z.numpy(), z_full.numpy(), atol=1e-9)
         np.testing.assert_allclose(log_det.numpy(), log_det_full.numpy(), atol=1e-9)
-        np.testing.assert_allclose(tied.inverse(z)[0].numpy(), u.numpy(), atol=1e-7)
+        # The inverse is the mixture's own (its accuracy is tested with the mixture).
+        np.testing.assert_allclose(tied.inverse(z)[0].numpy(), full.inverse(z)[0].numpy(),
+                                   atol=1e-9)
     # With autograd, the same values and the gradient of a sum of log-densities.
     tied.log_prob(u).sum().backward()
     full.log_prob(u).sum().backward()
