@@ -193,6 +193,19 @@ def _undo_input_attrs_on_error(fit_method):
     return wrapper
 
 
+def _outside_inference_mode(fit_method):
+    """Run a fit with torch's inference mode off: a fit called inside
+    ``torch.inference_mode()`` would otherwise make the flow's tensors inference tensors,
+    which keep no version counter, and the fitted estimator could not score afterwards."""
+
+    @functools.wraps(fit_method)
+    def wrapper(self, *args, **kwargs):
+        with torch.inference_mode(False):
+            return fit_method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _check_training_range(X: np.ndarray, dtype: str) -> None:
     """Refuse data whose deviations from their mean float32 training cannot hold (training
     in float32 sees the rows minus the standardisation's centre, taken in float64)."""
@@ -715,6 +728,7 @@ class RealNVPDensity(
 
     @_fit_context(prefer_skip_nested_validation=True)
     @_undo_input_attrs_on_error
+    @_outside_inference_mode
     def fit(self, X, y=None, sample_weight=None):
         """Fit the flow by maximum likelihood.
 
@@ -1168,6 +1182,7 @@ class RealNVPDensity(
 
     @_fit_context(prefer_skip_nested_validation=True)
     @_undo_input_attrs_on_error
+    @_outside_inference_mode
     def partial_fit(self, X, y=None, sample_weight=None):
         """Train for one pass over a chunk of data (out-of-core learning).
 

@@ -909,3 +909,21 @@ def test_inference_allocates_only_the_output_on_the_numpy_side(fitted, method):
         tracemalloc.stop()
     extra = peak - out.nbytes
     assert extra < 0.25 * out.nbytes, (peak, out.nbytes)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_fit_inside_a_no_grad_or_inference_context(context):
+    """Fitted inside ``torch.inference_mode()``, the flow's tensors were inference tensors and
+    the estimator could not score afterwards; now fit and partial_fit train as outside."""
+    X = _moons()
+    params = {"n_couplings": 2, "hidden_layer_sizes": (8,), "max_iter": 3, "random_state": 0,
+              "device": "cpu"}
+    ref = RealNVPDensity(**params).fit(X)
+    ref_partial = RealNVPDensity(**params).partial_fit(X)
+    with warnings.catch_warnings(), context():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = RealNVPDensity(**params).fit(X)
+        partial = RealNVPDensity(**params).partial_fit(X)
+    np.testing.assert_array_equal(est.score_samples(X), ref.score_samples(X))
+    np.testing.assert_array_equal(est.sample(5, random_state=0), ref.sample(5, random_state=0))
+    np.testing.assert_array_equal(partial.score_samples(X), ref_partial.score_samples(X))
