@@ -335,3 +335,21 @@ def test_kernel_base_is_weighed_also_where_no_epoch_beat_the_start():
         est = RealNVPDensity(random_state=0, **params).fit(_rings(150, 0))
     assert est.n_iter_ >= 1
     assert est.kernel_bandwidth_ is not None and est.n_components_ == 150
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_base_on_cuda_is_the_cpu_estimate():
+    # The kernel's folds, Jacobian and base live on the fitted device; the estimate is the
+    # rows' kernel estimate there too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = RealNVPDensity(random_state=0, **{**SMALL, "device": "cuda"}).fit(_rings(150, 0))
+    assert est.device_.type == "cuda"
+    assert est.kernel_bandwidth_ is not None and est.n_components_ == 150
+    fit = fit_kernel(torch.as_tensor(_rings(150, 0)))
+    q = _rings(50, 2)
+    assert (est.kernel_shape_, est.kernel_bandwidth_) == (fit.shape, fit.bandwidth)
+    np.testing.assert_allclose(est.score_samples(q),
+                               kernel_log_densities(fit, torch.as_tensor(q)).numpy(), atol=1e-8)
+    assert np.isfinite(est.sample(100, random_state=0)).all()
