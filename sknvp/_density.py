@@ -993,8 +993,12 @@ class RealNVPDensity(
             X, sample_weight, folds, start, trained if keep_trained else started, w, result
         ):
             return
-        if keep_trained:
-            return
+        if not keep_trained:
+            self._keep_start(start, result)
+
+    def _keep_start(self, start, result) -> None:
+        """Make ``start`` (float64, on the fitted device) the fitted flow, as a fit whose
+        best epoch did not beat its start."""
         self.module_ = start.to(device=self.device_, dtype=torch.float64).eval()
         result.best_epoch = -1
         result.best_score = result.start_score
@@ -1030,7 +1034,7 @@ class RealNVPDensity(
         weights = torch.as_tensor(sample_weight[rows], dtype=torch.float64, device=x.device)
         held, ends = [], np.cumsum([len(f) for f in folds])
         try:
-            for a, b in zip(ends - [len(f) for f in folds], ends, strict=True):
+            for a, b in zip(np.r_[0, ends[:-1]], ends, strict=True):
                 out = torch.ones(len(rows), dtype=torch.bool, device=x.device)
                 out[a:b] = False
                 fit = fit_kernel(U[out], weights[out], axes=axes)
@@ -1045,13 +1049,9 @@ class RealNVPDensity(
         except (ValueError, RuntimeError):  # e.g. a covariance no ridge makes positive
             return False
         start.base = KernelBase.from_fit(fit)
-        self.module_ = start
+        self._keep_start(start, result)
         self._optimizer_state = None  # the trained fit's moments do not fit this base
         self._kernel_base = True  # not to be refitted by EM
-        result.best_epoch = -1
-        result.best_score = result.start_score
-        result.start_kept_within_noise = True
-        self.best_validation_score_ = result.start_score
         self.kernel_bandwidth_ = fit.bandwidth
         self.kernel_shape_ = fit.shape
         return True

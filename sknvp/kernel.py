@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reduce import logsumexp
-from .em import _precision_cholesky
+from .em import _floored, _normalised_weights, _precision_cholesky
 from .mixture import GaussianMixtureBase
 
 __all__ = [
@@ -54,12 +54,6 @@ class KernelFit:
     precision_cholesky: Tensor
     bandwidth: float
     shape: str = "full"
-
-
-def _normalised(x: Tensor, weights: Tensor | None) -> Tensor:
-    if weights is None:
-        return x.new_full((x.shape[0],), 1.0 / x.shape[0])
-    return weights.to(x) / weights.sum()
 
 
 def _precision_factor(x: Tensor, w: Tensor, shape: str, axes: Tensor | None = None) -> Tensor:
@@ -110,11 +104,6 @@ def _log_densities(sq: Tensor, log_w: Tensor, prec: Tensor, bandwidth: float) ->
     return scores + (log_det - d * _HALF_LOG_2PI)
 
 
-def _weighted_mean(values: Tensor, w: Tensor) -> float:
-    floored = torch.nan_to_num(values, nan=-1e100, neginf=-1e100).clamp_min(-1e100)
-    return float((floored * w).sum() / w.sum())
-
-
 def _best_bandwidth(score, grid: tuple[float, ...], step: int = 4) -> tuple[float, float]:
     """The ``(score, h)`` of ``grid`` with the highest ``score(h)``, searched coarse to fine
     (the likelihood is smooth in ``h``): every ``step``-th bandwidth, then the two at half
@@ -161,7 +150,7 @@ def fit_kernel(
     >>> kernel_log_densities(fit, torch.zeros(1, 2, dtype=torch.float64)).shape
     torch.Size([1])
     """
-    w = _normalised(x, weights)
+    w = _normalised_weights(x, weights)
     keep = w > 0
     x, w = x[keep], w[keep] / w[keep].sum()
     if x.shape[0] < 2:
@@ -185,7 +174,7 @@ def fit_kernel(
         sq.fill_diagonal_(math.inf)  # leave each row out of its own estimate
 
         def score(h, sq=sq, prec=prec):
-            return _weighted_mean(_log_densities(sq, log_w, prec, h) - rest, w)
+            return float(_floored(_log_densities(sq, log_w, prec, h) - rest) @ w)
 
         value, h = _best_bandwidth(score, grid)
         if value > best[0]:
