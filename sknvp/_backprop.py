@@ -31,8 +31,9 @@ derivative). A standard normal base gives :math:`\bar z = w \odot z`. A Gaussian
 
 Supported: a :class:`~sknvp.flows.RealNVPFlow` (standard normal or Gaussian-mixture base) whose
 layers are
-:class:`~sknvp.transforms.Standardize`, :class:`~sknvp.transforms.TriangularWhitening` (both
-fixed, before any coupling) and :class:`~sknvp.transforms.SplitAffineCoupling` with an
+:class:`~sknvp.transforms.Standardize`, :class:`~sknvp.transforms.TriangularWhitening`,
+:class:`~sknvp.power.YeoJohnson` (all fixed, before any coupling) and
+:class:`~sknvp.transforms.SplitAffineCoupling` with an
 :class:`~sknvp.nets.MLP` conditioner of plain ``nn.Linear`` layers and the registry's
 activations, without hooks, frozen parameters or clipped conditioner inputs.
 :func:`manual_gradient` returns ``None`` for anything else (batch norm, images, one-feature
@@ -54,6 +55,7 @@ from ._reduce import logsumexp, softmax_from, sum_last
 from .flows import RealNVPFlow
 from .mixture import GaussianMixtureBase, standardized_residuals
 from .nets import MLP, constant_like, tanh_
+from .power import YeoJohnson
 from .transforms import (
     SplitAffineCoupling,
     Standardize,
@@ -258,6 +260,7 @@ class ManualGradient:
     ):
         self.flow = flow
         self.prefix = prefix
+        self.prefix_varies = any(type(m) is YeoJohnson for m in prefix)
         self.couplings = couplings
         self.base = base
         self.params = list(flow.parameters())
@@ -311,7 +314,12 @@ class ManualGradient:
         self._ensure_grads()
         n = x.shape[0]
         x, log_det = self._through_prefix(x)
-        const = log_det[0] if self.prefix else 0.0  # the fixed layers' log-det is constant
+        if not self.prefix:
+            const = 0.0
+        elif self.prefix_varies:  # a Yeo-Johnson layer: its log-det differs by row
+            const = log_det.mean() if w is None else torch.dot(log_det, w) / w.sum()
+        else:
+            const = log_det[0]  # affine layers: the same log-det for every row
         if self.runs is None:
             z, s_total, caches = self._forward(x, w)
         else:
@@ -398,7 +406,7 @@ def manual_gradient(module: nn.Module) -> ManualGradient | None:
     prefix: list[nn.Module] = []
     couplings: list[_Coupling] = []
     for layer in layers:
-        if type(layer) in (Standardize, TriangularWhitening) and not couplings:
+        if type(layer) in (Standardize, TriangularWhitening, YeoJohnson) and not couplings:
             prefix.append(layer)
         elif type(layer) is SplitAffineCoupling:
             if layer.input_low is not None:  # clipped inputs: autograd differentiates the clamp

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .masks import coupling_masks
 from .mixture import GaussianMixtureBase
 from .nets import MLP
+from .power import YeoJohnson
 from .transforms import (
     AffineCoupling,
     BatchNormFlow,
@@ -133,6 +134,7 @@ def build_realnvp(
     whitening: Tensor | None = None,
     generator: torch.Generator | None = None,
     base: GaussianMixtureBase | None = None,
+    power: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> RealNVPFlow:
     """Build a vector Real-NVP flow from hyper-parameters.
 
@@ -162,11 +164,17 @@ def build_realnvp(
         Randomness for ``mask="random"`` (weights use the global RNG: fork it to seed them).
     base : GaussianMixtureBase, optional
         Base density over the output of the last layer; None for a standard normal.
+    power : tuple of Tensors (loc, scale, lmbda), optional
+        If given, the flow starts with :class:`~sknvp.transforms.Standardize` ``(loc,
+        scale)`` and :class:`~sknvp.power.YeoJohnson` ``(lmbda)``, and ``loc``, ``scale``
+        and ``whitening`` above describe that map's output.
     """
     masks = mask if isinstance(mask, Tensor) else coupling_masks(
         mask, n_features, n_couplings, generator
     )
     layers: list[nn.Module] = []
+    if power is not None:
+        layers += [Standardize(power[0], power[1]), YeoJohnson(power[2])]
     if loc is not None and scale is not None:
         layers.append(Standardize(loc, scale))
     if whitening is not None:
