@@ -224,3 +224,15 @@ def test_kernel_base_after_the_layer_is_a_density():
     xx, yy = np.meshgrid(g, g)
     p = np.exp(est.score_samples(np.column_stack([xx.ravel(), yy.ravel()])))
     assert abs(p.sum() * (g[1] - g[0]) ** 2 - 1.0) < 0.02
+
+
+def test_partial_fit_and_warm_start_keep_the_layer():
+    X = _lognormal(500, 2, 6)
+    est = _fit(X, power_transform="yeo-johnson", warm_start=True)
+    lmbda = est.power_lambdas_
+    # (to float32 rounding: training casts the flow, its buffers included, to float32)
+    est.partial_fit(X[:100])
+    np.testing.assert_allclose(est.power_lambdas_, lmbda, rtol=1e-6)
+    est.fit(X)  # warm: more epochs of the same flow
+    np.testing.assert_allclose(est.power_lambdas_, lmbda, rtol=1e-6)
+    assert np.isfinite(est.score_samples(X)).all()

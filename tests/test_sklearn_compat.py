@@ -10,6 +10,7 @@ ESTIMATORS = [
     RealNVPDensity(**TINY),
     RealNVPDensity(**TINY, batch_norm=True, mask="checkerboard", early_stopping=False),
     RealNVPDensity(**TINY, inference_dtype="float32"),  # the fast path passes them too
+    RealNVPDensity(**TINY, power_transform="yeo-johnson"),  # the layer wherever it fits
 ]
 
 
