@@ -431,6 +431,7 @@ def matched_params(cfg: Config, seed: int) -> dict:
         mask="peers",
         batch_norm=False,
         base="normal",  # the peers' flows have a standard normal base
+        power_transform=None,  # and no power transform before the couplings
         learning_rate="constant",
         alpha=0.0,
         early_stopping=False,

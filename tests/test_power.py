@@ -207,9 +207,13 @@ def test_auto_needs_validation_rows_and_yeo_johnson_does_not():
     assert _fit(X, early_stopping=False, power_transform="yeo-johnson").power_lambdas_ is not None
 
 
-def test_auto_reports_its_choice(capsys):
-    _fit(_lognormal(500, 2, 5), verbose=1, max_iter=2)
-    assert "Yeo-Johnson start against the plain one" in capsys.readouterr().out
+def test_auto_decides_out_of_fold_on_small_data_else_on_the_validation_rows(capsys):
+    X = _lognormal(500, 2, 5)
+    assert _fit(X, verbose=1, max_iter=2).power_lambdas_ is not None
+    assert "Yeo-Johnson start against the plain one, out of fold" in capsys.readouterr().out
+    assert _fit(X, verbose=1, max_iter=2, couplings_cv=None).power_lambdas_ is not None
+    out = capsys.readouterr().out
+    assert "Yeo-Johnson start against the plain one, on the validation rows" in out
 
 
 def test_kernel_base_after_the_layer_is_a_density():
