@@ -91,11 +91,21 @@ _AUTO_ALPHA = 1e-3  # alpha="auto": this weight decay, or 1 / n_train where that
 _EM_MAX_ROWS = 20_000
 _EM_MIN_ROWS = 2_000
 _EM_BUDGET = 5e7
+# One EM run at a known size (the start refitted to more rows than its size was chosen on,
+# and the refit after training) may cost rows * components * features**2 up to this.
+_EM_REFIT_BUDGET = 5e8
 
 
 def _em_row_cap(n_features: int) -> int:
     """Most rows EM sees when it fits a mixture base (see _EM_MAX_ROWS)."""
     return int(min(_EM_MAX_ROWS, max(_EM_MIN_ROWS, _EM_BUDGET / n_features**2)))
+
+
+def _em_refit_rows(n_features: int, n_components: int) -> int:
+    """Most rows one EM run of a mixture of ``n_components`` sees: what _EM_REFIT_BUDGET
+    allows, never fewer than :func:`_em_row_cap`, at most _EM_MAX_ROWS."""
+    affordable = _EM_REFIT_BUDGET / (n_components * n_features**2)
+    return int(min(_EM_MAX_ROWS, max(_em_row_cap(n_features), affordable)))
 
 
 def _check_hidden_layer_sizes(sizes) -> tuple[int, ...]:
@@ -847,6 +857,20 @@ class RealNVPDensity(
             fit, U, weights=weights, x_valid=U_valid, w_valid=w_valid, generator=generator,
             reg_covar=reg_covar,
         )
+        more = min(n, _em_refit_rows(d, fit.n_components))
+        if more > len(rows):
+            # The size was chosen on a subsample; one EM run at that size sees more rows (a
+            # 128-D Gaussian from 3,051 of 4,500 rows scored new rows 0.35 nat lower).
+            rows = np.arange(n) if more == n else np.sort(
+                np.random.RandomState(seed).choice(n, more, replace=False)
+            )
+            w_more = torch.as_tensor(sample_weight[rows], dtype=torch.float64)
+            try:
+                fit = refit_gaussian_mixture(
+                    fit, mapped(X[rows]), w_more, fit.shrinkage, reg_covar=reg_covar
+                )
+            except torch.linalg.LinAlgError:  # keep the subsample's fit
+                pass
         self._start_shrinkage = fit.shrinkage  # for _refit_base
         return GaussianMixtureBase.from_fit(fit).double()
 
@@ -1277,7 +1301,7 @@ class RealNVPDensity(
         base = getattr(self.module_, "base", None)
         if not (self.refit_base and isinstance(base, GaussianMixtureBase) and len(valid_idx)):
             return
-        cap = _em_row_cap(X.shape[1])
+        cap = _em_refit_rows(X.shape[1], base.n_components)
         train_idx = np.sort(train_idx[sample_weight[train_idx] > 0])
         if len(train_idx) > cap:
             train_idx = np.sort(np.random.RandomState(seed).choice(train_idx, cap, replace=False))

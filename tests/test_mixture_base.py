@@ -426,3 +426,19 @@ def test_interrupting_the_out_of_fold_refits_keeps_the_validation_rows_choice(
     np.testing.assert_allclose(
         fitted.score_samples(test), split_only.score_samples(test), rtol=1e-9
     )
+
+
+def test_start_sees_every_row_once_its_size_is_chosen(monkeypatch):
+    # Where EM chooses the size on a subsample (many rows in many dimensions: 3,051 of 4,500
+    # in 128-D), one more EM run at that size fits the start to every training row: a 128-D
+    # Gaussian from the subsample scored new rows 0.35 nat below one from all rows. Here the
+    # budget is shrunk so that 200 of 2,000 rows choose the size; the single component's mean
+    # is then the mean of all rows, 0 in the standardised coordinates.
+    monkeypatch.setattr(density_module, "_EM_MIN_ROWS", 200)
+    monkeypatch.setattr(density_module, "_EM_BUDGET", 200 * 4**2)
+    assert density_module._em_row_cap(4) == 200
+    X = np.random.RandomState(0).randn(2000, 4) @ np.diag([1.0, 2.0, 3.0, 4.0])
+    est = RealNVPDensity(n_components=1, random_state=0)
+    sizes, mask = est._check_params(4)
+    flow = est._build_module(X, np.ones(2000), sizes, mask, False, 0)
+    np.testing.assert_allclose(flow.base.means.detach().numpy(), 0.0, atol=1e-10)
