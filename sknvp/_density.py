@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import threading
 import warnings
@@ -1740,6 +1741,15 @@ class RealNVPDensity(
         state.setdefault("clip_conditioner_inputs", "module_" not in state)
         # Pickled before the mixture base was refitted after training: likewise.
         state.setdefault("refit_base", "module_" not in state)
+        # Pickled before the out-of-fold check and the Yeo-Johnson layer: likewise, a fitted
+        # model has neither (None), an unfitted one takes today's default.
+        defaults = inspect.signature(type(self).__init__).parameters
+        for name in ("couplings_cv", "power_transform"):
+            if name in defaults:
+                state.setdefault(name, None if "module_" in state else defaults[name].default)
+        if "module_" in state:  # ... and before the kernel base
+            state.setdefault("kernel_bandwidth_", None)
+            state.setdefault("kernel_shape_", None)
         super().__setstate__(state)
 
     @property

@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
+from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 
 import sknvp._training as training_module
@@ -383,3 +384,24 @@ def test_keyboard_interrupt_before_training_leaves_fitted_model_untouched(
         fitted.fit(np.random.RandomState(9).randn(60, 3))
     assert fitted.n_features_in_ == 2 and fitted.module_ is module
     np.testing.assert_array_equal(fitted.score_samples(data), before)
+
+
+def test_a_pickle_from_before_couplings_cv_and_power_transform_loads(fitted, data):
+    # Estimators pickled before these parameters existed lack the attributes, and get_params
+    # (repr, clone) failed on them. A fitted one behaves as fitted: neither the out-of-fold
+    # check nor the layer (None); an unfitted one takes today's defaults.
+    state = fitted.__getstate__()
+    for name in ("couplings_cv", "power_transform", "kernel_bandwidth_", "kernel_shape_"):
+        del state[name]
+    old = RealNVPDensity.__new__(RealNVPDensity)
+    old.__setstate__(state)
+    assert old.get_params()["couplings_cv"] is None
+    assert old.get_params()["power_transform"] is None
+    assert old.kernel_bandwidth_ is None and old.kernel_shape_ is None
+    assert "RealNVPDensity(" in repr(clone(old))
+    np.testing.assert_array_equal(old.score_samples(data), fitted.score_samples(data))
+    unfitted = RealNVPDensity()
+    del unfitted.couplings_cv, unfitted.power_transform
+    loaded = pickle.loads(pickle.dumps(unfitted))
+    assert loaded.get_params()["couplings_cv"] == 5
+    assert loaded.get_params()["power_transform"] == "auto"
