@@ -318,6 +318,8 @@ def test_a_held_out_digit_far_out_along_one_pixel_is_not_stretched():
     # (four components) -2,492 and -707, the held-out mean 10.8 nats lower. The couplings
     # must be trained for this: out of fold (the default on 500 rows) they beat their start
     # by only 0.8 standard errors, so the start would be kept and there is nothing to clip.
+    # Without the Yeo-Johnson layer too, which these pixels get by default since 2026-12-07:
+    # after it the unclipped flow scored that digit -590, so the case is not the layer's.
     from sklearn.datasets import load_digits
 
     rng = np.random.default_rng(1001)
@@ -325,7 +327,7 @@ def test_a_held_out_digit_far_out_along_one_pixel_is_not_stretched():
     X = X[rng.permutation(len(X))[:667]] + rng.uniform(size=(667, 64))
     order = np.random.default_rng(1).permutation(len(X))
     train, test = X[order[:500]], X[order[500:]]
-    clipped = RealNVPDensity(random_state=1, couplings_cv=None).fit(train)
+    clipped = RealNVPDensity(random_state=1, couplings_cv=None, power_transform=None).fit(train)
     plain = clone_unclipped(clipped).fit(train)
     s_clipped, s_plain = clipped.score_samples(test), plain.score_samples(test)
     np.testing.assert_allclose(clipped.score_samples(train), plain.score_samples(train), 1e-10)
