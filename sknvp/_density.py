@@ -389,9 +389,11 @@ class RealNVPDensity(
         (a Gaussian after the transform), kept where it beats the identity by the BIC's
         price of one parameter (:func:`~sknvp.power.fit_yeo_johnson`); features without a
         significant skew are left as they are. ``"auto"`` builds the flow's start both ways
-        and keeps the transform only if it scores the validation rows at least one standard
-        error higher (paired per row); it needs ``early_stopping`` (the validation rows) and
-        costs a second fit of the start's mixture. ``"yeo-johnson"`` always uses it, None
+        and keeps the transform only if it scores held-out rows at least one standard error
+        higher (paired per row): with at most 1,000 rows (and ``couplings_cv``) every row,
+        in ``couplings_cv`` folds scored by the starts built without them, else the
+        validation rows. It needs ``early_stopping`` and costs a second fit of the start's
+        mixture (ten more on folds). ``"yeo-johnson"`` always uses it, None
         never. The log-density includes the map's log-derivative, so it stays a density in
         the units of ``X``.
     scale_bound : float, default=2.0
@@ -749,28 +751,37 @@ class RealNVPDensity(
         shrinkage = vars(self).get("_start_shrinkage")
         rng = np.random.RandomState(seed % 2**32)
         folds = np.array_split(positive[rng.permutation(len(positive))], self.couplings_cv)
-        gains = []
         with warnings.catch_warnings():  # the data's warnings come with the final build
             warnings.simplefilter("ignore", UserWarning)
-            for k, held in enumerate(folds):
-                other = np.concatenate(folds[:k] + folds[k + 1:])
-                x_o, w_o = rows[other], weights[other]
-                x = torch.as_tensor(rows[held], dtype=torch.float64)
-                fold_power = _power_transform(x_o, w_o)
-                plain = self._build_flow(x_o, w_o, *spec, seed)
-                with torch.no_grad():
-                    base = evaluate_log_prob(plain, x)
-                    if fold_power is None:
-                        gains.append(torch.zeros_like(base))
-                        continue
-                    powered = self._build_flow(x_o, w_o, *spec, seed, None, fold_power)
-                    gains.append(evaluate_log_prob(powered, x) - base)
+            try:
+                gains = self._fold_gains(rows, weights, folds, spec, seed)
+            except (ValueError, RuntimeError):  # a fold's start failed: keep the plain flow
+                return -math.inf, "out of fold (a fold failed)", None
         if shrinkage is not None:
             self._start_shrinkage = shrinkage
         gain = torch.cat(gains)
         held_w = torch.as_tensor(weights[np.concatenate(folds)], dtype=torch.float64)
         z = gain_in_standard_errors(gain, torch.zeros_like(gain), held_w)
         return z, "out of fold", None
+
+    def _fold_gains(self, rows, weights, folds, spec, seed) -> list[torch.Tensor]:
+        """For each fold, its rows' log-densities under the start with the Yeo-Johnson map
+        of the other folds' rows minus those under the plain start."""
+        gains = []
+        for k, held in enumerate(folds):
+            other = np.concatenate(folds[:k] + folds[k + 1:])
+            x_o, w_o = rows[other], weights[other]
+            x = torch.as_tensor(rows[held], dtype=torch.float64)
+            fold_power = _power_transform(x_o, w_o)
+            plain = self._build_flow(x_o, w_o, *spec, seed)
+            with torch.no_grad():
+                base = evaluate_log_prob(plain, x)
+                if fold_power is None:
+                    gains.append(torch.zeros_like(base))
+                    continue
+                powered = self._build_flow(x_o, w_o, *spec, seed, None, fold_power)
+                gains.append(evaluate_log_prob(powered, x) - base)
+        return gains
 
     def _build_flow(
         self, X, sample_weight, sizes, mask, whiten, seed: int, valid=None, power=None
@@ -783,7 +794,7 @@ class RealNVPDensity(
         whitening = None
         if whiten and X.shape[1] > 1:
             whitening = torch.as_tensor(
-                _whitening_factor(X, sample_weight, loc, scale), dtype=torch.float64
+                _whitening_factor(rows, sample_weight, loc, scale), dtype=torch.float64
             )
         gen = torch.Generator().manual_seed(seed)
         # Layer constructors draw from torch's global RNG: fork it (so the user's stream is

@@ -240,3 +240,19 @@ def test_partial_fit_and_warm_start_keep_the_layer():
     est.fit(X)  # warm: more epochs of the same flow
     np.testing.assert_allclose(est.power_lambdas_, lmbda, rtol=1e-6)
     assert np.isfinite(est.score_samples(X)).all()
+
+
+def test_whitening_after_the_layer_whitens_its_output():
+    # whiten=True after the layer must use the rows as the layer hands them on: the start's
+    # map then gives the training rows identity covariance (it used the raw rows' factor).
+    rng = np.random.RandomState(7)
+    z = rng.randn(3000, 3) @ np.array([[1.0, 0.8, 0.3], [0.0, 0.6, 0.5], [0.0, 0.0, 0.4]])
+    X = np.exp(z)
+    est = RealNVPDensity(power_transform="yeo-johnson", whiten=True, base="normal",
+                         random_state=0)
+    sizes, mask = est._check_params(3)
+    flow = est._build_module(X, np.ones(len(X)), sizes, mask, True, 0)
+    assert any(isinstance(m, YeoJohnson) for m in flow.modules())
+    with torch.no_grad():
+        u = flow.transform(torch.as_tensor(X))[0].numpy()
+    np.testing.assert_allclose(np.cov(u.T, bias=True), np.eye(3), atol=1e-4)  # reg 1e-6
