@@ -1761,6 +1761,12 @@ class RealNVPDensity(
         if "module_" in state:  # ... and before the kernel base
             state.setdefault("kernel_bandwidth_", None)
             state.setdefault("kernel_shape_", None)
+        # Any other parameter a pickle lacks takes its default, so that get_params (repr,
+        # clone) works; a parameter that changes how a fitted model behaves needs its own
+        # line above.
+        for name, param in defaults.items():
+            if name != "self" and param.default is not inspect.Parameter.empty:
+                state.setdefault(name, param.default)
         super().__setstate__(state)
 
     @property

@@ -405,3 +405,13 @@ def test_a_pickle_from_before_couplings_cv_and_power_transform_loads(fitted, dat
     loaded = pickle.loads(pickle.dumps(unfitted))
     assert loaded.get_params()["couplings_cv"] == 5
     assert loaded.get_params()["power_transform"] == "auto"
+
+
+def test_a_pickle_without_some_other_parameter_gets_its_default(fitted, data):
+    state = fitted.__getstate__()
+    del state["input_noise"], state["inference_dtype"]
+    old = RealNVPDensity.__new__(RealNVPDensity)
+    old.__setstate__(state)
+    params = old.get_params()
+    assert params["input_noise"] == 0.0 and params["inference_dtype"] == "float64"
+    np.testing.assert_array_equal(old.score_samples(data), fitted.score_samples(data))
