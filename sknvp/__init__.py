@@ -3,12 +3,13 @@
 :class:`RealNVPDensity` is the entry point for tabular data, :class:`RealNVPImageDensity`
 (the paper's multi-scale architecture) for images. The torch layer underneath
 (:mod:`sknvp.masks`, :mod:`sknvp.nets`, :mod:`sknvp.transforms`, :mod:`sknvp.mixture`,
-:mod:`sknvp.em`, :mod:`sknvp.flows`, :mod:`sknvp.multiscale`) does not import scikit-learn
+:mod:`sknvp.em`, :mod:`sknvp.kernel`, :mod:`sknvp.power`, :mod:`sknvp.flows`,
+:mod:`sknvp.multiscale`) does not import scikit-learn
 and can be used on its own; :mod:`sknvp.datasets` holds the 2-D data sets with their exact
 densities.
 """
 
-from . import datasets, em, flows, masks, mixture, multiscale, nets, transforms
+from . import datasets, em, flows, kernel, masks, mixture, multiscale, nets, power, transforms
 from ._density import RealNVPDensity
 from ._image import RealNVPImageDensity, dequantized_bits_per_dim
 
@@ -22,9 +23,11 @@ __all__ = [
     "dequantized_bits_per_dim",
     "em",
     "flows",
+    "kernel",
     "masks",
     "mixture",
     "multiscale",
     "nets",
+    "power",
     "transforms",
 ]

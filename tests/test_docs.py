@@ -35,6 +35,7 @@ PUBLIC_MODULES = [
     "sknvp.transforms",
     "sknvp.flows",
     "sknvp.multiscale",
+    "sknvp.power",
 ]
 NOT_DOCUMENTED = {"__version__"}
 TINY = {"n_couplings": 2, "hidden_layer_sizes": (8,), "max_iter": 3, "early_stopping": False,
