@@ -256,3 +256,23 @@ def test_whitening_after_the_layer_whitens_its_output():
     with torch.no_grad():
         u = flow.transform(torch.as_tensor(X))[0].numpy()
     np.testing.assert_allclose(np.cov(u.T, bias=True), np.eye(3), atol=1e-4)  # reg 1e-6
+
+
+@settings(deadline=None)
+@given(lmbda=st.lists(lambdas, min_size=1, max_size=4), seed=seeds)
+def test_layer_without_autograd_is_the_autograd_path(lmbda, seed):
+    # Inference takes a path with one branch per element; it must be the same map.
+    layer = YeoJohnson(torch.tensor(lmbda, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(seed)
+    x = 4.0 * torch.randn(50, len(lmbda), generator=gen, dtype=torch.float64)
+    x[0] = 0.0
+    y, log_det = layer(x)
+    back, inv_log_det = layer.inverse(y)
+    with torch.no_grad():
+        y_fast, log_det_fast = layer(x)
+        back_fast, inv_fast = layer.inverse(y)
+    np.testing.assert_allclose(y_fast.numpy(), y.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(log_det_fast.numpy(), log_det.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(back_fast.numpy(), back.detach().numpy(), rtol=1e-12,
+                               atol=1e-12)
+    np.testing.assert_allclose(inv_fast.numpy(), inv_log_det.detach().numpy(), atol=1e-12)
