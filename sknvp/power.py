@@ -16,11 +16,12 @@ every latent point has a preimage and sampling never leaves the data's space; th
 here are kept in that range.
 
 An affine coupling is affine in the features it transforms, so a flow of them reshapes one
-feature's marginal only through the other features. Skewed, positive data (amounts,
-concentrations, sizes) then cost a Real-NVP flow up to several nats per row against a
-Gaussian mixture. :class:`~sknvp.RealNVPDensity` (``power_transform``) puts this map, on
-standardised features, before the couplings where the validation rows score the flow's start
-higher with it.
+feature's marginal only through the other features. On skewed, positive data (amounts,
+concentrations, sizes) that costs a Real-NVP flow up to several nats per row against the
+same flow after this map (7.5 on breast cancer's raw features).
+:class:`~sknvp.RealNVPDensity` (``power_transform``) puts this map, on standardised
+features, before the couplings where held-out rows score the flow's start higher with it
+(five folds on at most 1,000 rows, else the validation rows).
 """
 
 from __future__ import annotations
