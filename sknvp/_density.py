@@ -180,6 +180,13 @@ def _standardization(X: np.ndarray, sample_weight: np.ndarray) -> tuple[np.ndarr
 
 
 _INPUT_ATTRS = ("n_features_in_", "feature_names_in_")
+# Parameters added after models were first pickled, and what a model fitted before each
+# did (see RealNVPDensity.__setstate__): unclipped conditioners, no refit of the base after
+# training, no out-of-fold check, no Yeo-Johnson layer.
+_OFF_WHEN_FITTED = {
+    "clip_conditioner_inputs": False, "refit_base": False, "couplings_cv": None,
+    "power_transform": None,
+}
 
 
 def _undo_input_attrs_on_error(fit_method):
@@ -748,21 +755,23 @@ class RealNVPDensity(
                     evaluate_log_prob(built[True][0], x), evaluate_log_prob(built[False][0], x), w
                 )
             return z, "on the validation rows", built
-        shrinkage = vars(self).get("_start_shrinkage")
-        rng = np.random.RandomState(seed % 2**32)
-        folds = np.array_split(positive[rng.permutation(len(positive))], self.couplings_cv)
+        folds, _ = self._folds(positive, seed)
         with warnings.catch_warnings():  # the data's warnings come with the final build
             warnings.simplefilter("ignore", UserWarning)
             try:
                 gains = self._fold_gains(rows, weights, folds, spec, seed)
             except (ValueError, RuntimeError):  # a fold's start failed: keep the plain flow
                 return -math.inf, "out of fold (a fold failed)", None
-        if shrinkage is not None:
-            self._start_shrinkage = shrinkage
         gain = torch.cat(gains)
         held_w = torch.as_tensor(weights[np.concatenate(folds)], dtype=torch.float64)
         z = gain_in_standard_errors(gain, torch.zeros_like(gain), held_w)
         return z, "out of fold", None
+
+    def _folds(self, rows: np.ndarray, seed: int) -> tuple[list, np.random.RandomState]:
+        """``rows`` in ``couplings_cv`` folds of one seeded random order, and the generator
+        that drew it (for draws that follow)."""
+        rng = np.random.RandomState(seed % 2**32)
+        return np.array_split(rows[rng.permutation(len(rows))], self.couplings_cv), rng
 
     def _fold_gains(self, rows, weights, folds, spec, seed) -> list[torch.Tensor]:
         """For each fold, its rows' log-densities under the start with the Yeo-Johnson map
@@ -1267,8 +1276,7 @@ class RealNVPDensity(
         fold_fit.n_features_in_ = self.n_features_in_
         if getattr(self.module_, "base", None) is not None and self.n_components == "auto":
             fold_fit.set_params(n_components=self.n_components_)
-        rng = np.random.RandomState(seed % 2**32)
-        folds = np.array_split(rows[rng.permutation(len(rows))], self.couplings_cv)
+        folds, rng = self._folds(rows, seed)
         trained, started, order = [], [], []
         for k, held in enumerate(folds):
             fit_rows = np.concatenate(folds[:k] + folds[k + 1:])
@@ -1744,29 +1752,22 @@ class RealNVPDensity(
                 dev = torch.device("cpu")
             state["device_"] = dev
             state["module_"] = state["module_"].to(dev)
-        if "module_" in state:
-            # Fitted before plateaus could lower the learning rate: none did.
+        fitted = "module_" in state
+        if fitted:
+            # Fitted before plateaus could lower the learning rate (none did), or before the
+            # kernel base (none has one).
             state.setdefault("lr_drops_", [])
-        # Pickled before conditioner inputs were clipped: a fitted model's flow is unclipped,
-        # and says so (a refit keeps it that way); an unfitted one takes today's default.
-        state.setdefault("clip_conditioner_inputs", "module_" not in state)
-        # Pickled before the mixture base was refitted after training: likewise.
-        state.setdefault("refit_base", "module_" not in state)
-        # Pickled before the out-of-fold check and the Yeo-Johnson layer: likewise, a fitted
-        # model has neither (None), an unfitted one takes today's default.
-        defaults = inspect.signature(type(self).__init__).parameters
-        for name in ("couplings_cv", "power_transform"):
-            if name in defaults:
-                state.setdefault(name, None if "module_" in state else defaults[name].default)
-        if "module_" in state:  # ... and before the kernel base
             state.setdefault("kernel_bandwidth_", None)
             state.setdefault("kernel_shape_", None)
-        # Any other parameter a pickle lacks takes its default, so that get_params (repr,
-        # clone) works; a parameter that changes how a fitted model behaves needs its own
-        # line above.
-        for name, param in defaults.items():
-            if name != "self" and param.default is not inspect.Parameter.empty:
-                state.setdefault(name, param.default)
+        # A parameter the pickle lacks is younger than it. A fitted model keeps the fit it
+        # had, and says so (a refit keeps it that way): the option's "off" value for those
+        # that change a fit; any other parameter, and all of an unfitted model's, take
+        # today's default, so that get_params (repr, clone) works.
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self" or param.default is inspect.Parameter.empty:
+                continue
+            off = fitted and name in _OFF_WHEN_FITTED
+            state.setdefault(name, _OFF_WHEN_FITTED[name] if off else param.default)
         super().__setstate__(state)
 
     @property
