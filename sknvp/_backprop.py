@@ -32,7 +32,8 @@ derivative). A standard normal base gives :math:`\bar z = w \odot z`. A Gaussian
 Supported: a :class:`~sknvp.flows.RealNVPFlow` (standard normal or Gaussian-mixture base) whose
 layers are
 :class:`~sknvp.transforms.Standardize`, :class:`~sknvp.transforms.TriangularWhitening`,
-:class:`~sknvp.power.YeoJohnson` (all fixed, before any coupling) and
+:class:`~sknvp.power.YeoJohnson`, :class:`~sknvp.power.SinhArcsinh` (all fixed, before any
+coupling) and
 :class:`~sknvp.transforms.SplitAffineCoupling` with an
 :class:`~sknvp.nets.MLP` conditioner of plain ``nn.Linear`` layers and the registry's
 activations, without hooks, frozen parameters or clipped conditioner inputs.
@@ -55,7 +56,7 @@ from ._reduce import logsumexp, softmax_from, sum_last
 from .flows import RealNVPFlow
 from .mixture import GaussianMixtureBase, standardized_residuals
 from .nets import MLP, constant_like, tanh_
-from .power import YeoJohnson
+from .power import SinhArcsinh, YeoJohnson
 from .transforms import (
     SplitAffineCoupling,
     Standardize,
@@ -260,7 +261,7 @@ class ManualGradient:
     ):
         self.flow = flow
         self.prefix = prefix
-        self.prefix_varies = any(type(m) is YeoJohnson for m in prefix)
+        self.prefix_varies = any(type(m) in (YeoJohnson, SinhArcsinh) for m in prefix)
         self.couplings = couplings
         self.base = base
         self.params = list(flow.parameters())
@@ -316,7 +317,7 @@ class ManualGradient:
         x, log_det = self._through_prefix(x)
         if not self.prefix:
             const = 0.0
-        elif self.prefix_varies:  # a Yeo-Johnson layer: its log-det differs by row
+        elif self.prefix_varies:  # a Yeo-Johnson or tail layer: its log-det differs by row
             const = log_det.mean() if w is None else torch.dot(log_det, w) / w.sum()
         else:
             const = log_det[0]  # affine layers: the same log-det for every row
@@ -398,6 +399,9 @@ _UNCHECKED = object()  # no gradient tensor is this: the first _ensure_grads che
 _HALF_LOG_2PI = 0.5 * _LOG_2PI
 
 
+_FIXED_LAYERS = (Standardize, TriangularWhitening, YeoJohnson, SinhArcsinh)
+
+
 def manual_gradient(module: nn.Module) -> ManualGradient | None:
     """A :class:`ManualGradient` for ``module``, or None where it is not supported."""
     if type(module) is not RealNVPFlow or global_hooks() or _has_hooks(module):
@@ -406,7 +410,7 @@ def manual_gradient(module: nn.Module) -> ManualGradient | None:
     prefix: list[nn.Module] = []
     couplings: list[_Coupling] = []
     for layer in layers:
-        if type(layer) in (Standardize, TriangularWhitening, YeoJohnson) and not couplings:
+        if type(layer) in _FIXED_LAYERS and not couplings:
             prefix.append(layer)
         elif type(layer) is SplitAffineCoupling:
             if layer.input_low is not None:  # clipped inputs: autograd differentiates the clamp

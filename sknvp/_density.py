@@ -60,7 +60,7 @@ from .masks import MASK_TYPES
 from .mixture import GaussianMixtureBase
 from .nets import ACTIVATIONS, MLP
 from .piecewise import is_piecewise_linear, use_tables
-from .power import YeoJohnson, fit_yeo_johnson, yeo_johnson
+from .power import SinhArcsinh, YeoJohnson, fit_marginal_maps, sinh_arcsinh, yeo_johnson
 from .transforms import FlowSequential, Standardize, TriangularWhitening
 
 __all__ = ["RealNVPDensity"]
@@ -182,10 +182,10 @@ def _standardization(X: np.ndarray, sample_weight: np.ndarray) -> tuple[np.ndarr
 _INPUT_ATTRS = ("n_features_in_", "feature_names_in_")
 # Parameters added after models were first pickled, and what a model fitted before each
 # did (see RealNVPDensity.__setstate__): unclipped conditioners, no refit of the base after
-# training, no out-of-fold check, no Yeo-Johnson layer.
+# training, no out-of-fold check, no Yeo-Johnson layer, no tail weights.
 _OFF_WHEN_FITTED = {
     "clip_conditioner_inputs": False, "refit_base": False, "couplings_cv": None,
-    "power_transform": None,
+    "power_transform": None, "heavy_tails": False,
 }
 
 
@@ -255,33 +255,52 @@ def _power_layer(module: torch.nn.Module) -> YeoJohnson | None:
     return next((m for m in module.modules() if isinstance(m, YeoJohnson)), None)
 
 
-def _power_transform(X, sample_weight) -> tuple | None:
-    """``(loc, scale, lmbda)`` (float64 tensors) of the Yeo-Johnson map for ``X``: its
-    standardisation and the exponents :func:`~sknvp.power.fit_yeo_johnson` chooses for the
-    standardised rows; None where every exponent is 1."""
+def _tail_layer(module: torch.nn.Module) -> SinhArcsinh | None:
+    """The flow's sinh-arcsinh tail layer, if it has one."""
+    return next((m for m in module.modules() if isinstance(m, SinhArcsinh)), None)
+
+
+def _power_transform(X, sample_weight, tails: bool = False) -> tuple | None:
+    """The per-feature map for ``X`` (float64 tensors): ``(loc, scale, lmbda)`` of its
+    standardisation and Yeo-Johnson exponents, followed with ``tails`` by ``(tail_loc,
+    tail_scale, delta)``, the second standardisation and the tail weights, where some
+    feature has one (:func:`~sknvp.power.fit_marginal_maps`); None where the map would
+    be the identity."""
     with warnings.catch_warnings():  # the flow's own standardisation gives them
         warnings.simplefilter("ignore", UserWarning)
         loc, scale = _standardization(X, sample_weight)
-    lmbda = fit_yeo_johnson(torch.as_tensor((X - loc) / scale), torch.as_tensor(sample_weight))
-    if bool((lmbda == 1.0).all()):
-        return None
+    lmbda, tail_loc, tail_scale, delta = fit_marginal_maps(
+        torch.as_tensor((X - loc) / scale), torch.as_tensor(sample_weight), tails=tails
+    )
+    if bool((delta == 1.0).all()):
+        if bool((lmbda == 1.0).all()):
+            return None
+        return (torch.as_tensor(loc, dtype=torch.float64),
+                torch.as_tensor(scale, dtype=torch.float64), lmbda)
     return (torch.as_tensor(loc, dtype=torch.float64),
-            torch.as_tensor(scale, dtype=torch.float64), lmbda)
+            torch.as_tensor(scale, dtype=torch.float64), lmbda, tail_loc, tail_scale, delta)
 
 
-def _yeo_johnson_rows(X: np.ndarray, power: tuple) -> np.ndarray:
+def _marginal_rows(X: np.ndarray, power: tuple) -> np.ndarray:
     """The rows of ``X`` after the map ``power`` of :func:`_power_transform` (float64)."""
-    loc, scale, lmbda = power
+    loc, scale, lmbda = power[:3]
     z = (torch.as_tensor(X, dtype=torch.float64) - loc) / scale
-    return yeo_johnson(z, lmbda)[0].numpy()
+    y = yeo_johnson(z, lmbda)[0]
+    if len(power) > 3:
+        tail_loc, tail_scale, delta = power[3:]
+        y = sinh_arcsinh((y - tail_loc) / tail_scale, delta)[0]
+    return y.numpy()
 
 
 def _feature_axes(start, row: torch.Tensor) -> torch.Tensor:
     """The features' axes in the coordinates the untrained flow ``start`` hands its base:
-    the Jacobian of its (affine) map, scaled to its largest entry. After a Yeo-Johnson
-    layer, the features are that layer's outputs (the map after it is affine)."""
+    the Jacobian of its (affine) map, scaled to its largest entry. After a Yeo-Johnson or
+    tail layer, the features are that layer's outputs (the map after it is affine)."""
     layers = list(start.transform)
-    first = next((i + 1 for i, m in enumerate(layers) if isinstance(m, YeoJohnson)), 0)
+    first = max(
+        (i + 1 for i, m in enumerate(layers) if isinstance(m, (YeoJohnson, SinhArcsinh))),
+        default=0,
+    )
     if first:
         row = FlowSequential(*layers[:first])(row)[0]
     tail = FlowSequential(*layers[first:])
@@ -403,6 +422,16 @@ class RealNVPDensity(
         mixture (ten more on folds). ``"yeo-johnson"`` always uses it, None
         never. The log-density includes the map's log-derivative, so it stays a density in
         the units of ``X``.
+    heavy_tails : bool, default=True
+        With ``power_transform``, let the per-feature map also draw in heavy tails: a
+        sinh-arcsinh tail weight :math:`\delta \in [0, 1]` per standardised feature after
+        its exponent (:class:`~sknvp.power.SinhArcsinh`, :math:`u \mapsto \sinh(\delta
+        \operatorname{asinh} u) / \delta`, identity at 1). A flow of affine couplings on
+        a Gaussian base has Gaussian-like tails whatever its weights, so it scores
+        Student-t or Cauchy-like features (returns, ratios, measurement outliers) far below
+        their density. A weight is kept where it beats the exponent alone by the BIC's price
+        (:func:`~sknvp.power.fit_marginal_maps`), and ``"auto"`` judges the whole map, tails
+        included, on held-out rows as above.
     scale_bound : float, default=2.0
         Soft bound on each coupling's log-scale: :math:`s = \beta\tanh(\tilde s/\beta)`.
     max_iter : int, default=150
@@ -512,6 +541,9 @@ class RealNVPDensity(
     power_lambdas_ : ndarray of shape (n_features_in_,) or None
         Exponents of the fitted flow's Yeo-Johnson transform (1 leaves a feature as it is);
         None where the flow has none (``power_transform``).
+    tail_weights_ : ndarray of shape (n_features_in_,) or None
+        Tail weights of the fitted flow's sinh-arcsinh layer (1 leaves a feature as it is);
+        None where the flow has none (``heavy_tails``).
     n_components_ : int or None
         Number of components of the fitted mixture base (what ``"auto"`` chose; with a
         kernel base, the number of rows of positive weight); None with ``base="normal"``.
@@ -581,6 +613,7 @@ class RealNVPDensity(
         "refit_base": ["boolean"],
         "whiten": ["boolean", StrOptions({"auto"})],
         "power_transform": [StrOptions({"auto", "yeo-johnson"}), None],
+        "heavy_tails": ["boolean"],
         "scale_bound": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
@@ -615,6 +648,7 @@ class RealNVPDensity(
         refit_base=True,
         whiten="auto",
         power_transform="auto",
+        heavy_tails=True,
         scale_bound=2.0,
         max_iter=150,
         batch_size="auto",
@@ -645,6 +679,7 @@ class RealNVPDensity(
         self.refit_base = refit_base
         self.whiten = whiten
         self.power_transform = power_transform
+        self.heavy_tails = heavy_tails
         self.scale_bound = scale_bound
         self.max_iter = max_iter
         self.batch_size = batch_size
@@ -704,7 +739,7 @@ class RealNVPDensity(
         Yeo-Johnson transform (:meth:`_power_transform_gain`)."""
         power = None
         if self.power_transform is not None:
-            power = _power_transform(X, sample_weight)
+            power = _power_transform(X, sample_weight, self.heavy_tails)
         if power is None or (self.power_transform == "auto" and valid is None):
             return self._build_flow(X, sample_weight, sizes, mask, whiten, seed, valid)
         if self.power_transform != "auto":
@@ -781,7 +816,7 @@ class RealNVPDensity(
             other = np.concatenate(folds[:k] + folds[k + 1:])
             x_o, w_o = rows[other], weights[other]
             x = torch.as_tensor(rows[held], dtype=torch.float64)
-            fold_power = _power_transform(x_o, w_o)
+            fold_power = _power_transform(x_o, w_o, self.heavy_tails)
             plain = self._build_flow(x_o, w_o, *spec, seed)
             with torch.no_grad():
                 base = evaluate_log_prob(plain, x)
@@ -798,7 +833,7 @@ class RealNVPDensity(
         """The flow of :meth:`_build_module`, with the Yeo-Johnson map ``power`` (its
         standardisation's ``(loc, scale)`` and exponents, see :func:`_power_transform`)
         first if given."""
-        rows = X if power is None else _yeo_johnson_rows(X, power)
+        rows = X if power is None else _marginal_rows(X, power)
         loc, scale = _standardization(rows, sample_weight)
         whitening = None
         if whiten and X.shape[1] > 1:
@@ -1017,6 +1052,14 @@ class RealNVPDensity(
             raise AttributeError("'power_lambdas_' is set by fit")
         layer = _power_layer(self.module_)
         return None if layer is None else layer.lmbda.detach().cpu().numpy().copy()
+
+    @property
+    def tail_weights_(self) -> np.ndarray | None:
+        """Tail weights of the fitted flow's sinh-arcsinh layer; None without one."""
+        if "module_" not in vars(self):
+            raise AttributeError("'tail_weights_' is set by fit")
+        layer = _tail_layer(self.module_)
+        return None if layer is None else layer.delta.detach().cpu().numpy().copy()
 
     @property
     def n_components_(self) -> int | None:
@@ -1271,7 +1314,8 @@ class RealNVPDensity(
         fold_fit = clone(self).set_params(verbose=0)
         if "power_transform" in fold_fit.get_params():  # the folds keep this fit's choice
             fold_fit.set_params(
-                power_transform=None if self.power_lambdas_ is None else "yeo-johnson"
+                power_transform=None if self.power_lambdas_ is None else "yeo-johnson",
+                heavy_tails=self.tail_weights_ is not None,
             )
         fold_fit.n_features_in_ = self.n_features_in_
         if getattr(self.module_, "base", None) is not None and self.n_components == "auto":

@@ -206,7 +206,7 @@ class RealNVPImageDensity(RealNVPDensity):
                 "clip_conditioner_inputs",  # vector flows only
                 "base", "n_components", "refit_base",  # the multi-scale flow: standard normal
                 "couplings_cv",  # the validation split decides (_cross_validation_rows)
-                "power_transform",  # pixels: dequantised levels, not skewed amounts
+                "power_transform", "heavy_tails",  # pixels: dequantised levels
             )
         },
         "image_shape": [None, tuple, list],

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .masks import coupling_masks
 from .mixture import GaussianMixtureBase
 from .nets import MLP
-from .power import YeoJohnson
+from .power import SinhArcsinh, YeoJohnson
 from .transforms import (
     AffineCoupling,
     BatchNormFlow,
@@ -134,7 +134,7 @@ def build_realnvp(
     whitening: Tensor | None = None,
     generator: torch.Generator | None = None,
     base: GaussianMixtureBase | None = None,
-    power: tuple[Tensor, Tensor, Tensor] | None = None,
+    power: tuple[Tensor, ...] | None = None,
 ) -> RealNVPFlow:
     """Build a vector Real-NVP flow from hyper-parameters.
 
@@ -164,10 +164,11 @@ def build_realnvp(
         Randomness for ``mask="random"`` (weights use the global RNG: fork it to seed them).
     base : GaussianMixtureBase, optional
         Base density over the output of the last layer; None for a standard normal.
-    power : tuple of Tensors (loc, scale, lmbda), optional
+    power : tuple of Tensors (loc, scale, lmbda) or (loc, scale, lmbda, tail_loc, tail_scale, delta), optional
         If given, the flow starts with :class:`~sknvp.transforms.Standardize` ``(loc,
-        scale)`` and :class:`~sknvp.power.YeoJohnson` ``(lmbda)``, and ``loc``, ``scale``
-        and ``whitening`` above describe that map's output.
+        scale)`` and :class:`~sknvp.power.YeoJohnson` ``(lmbda)``, then, with six entries,
+        ``Standardize(tail_loc, tail_scale)`` and :class:`~sknvp.power.SinhArcsinh`
+        ``(delta)``; ``loc``, ``scale`` and ``whitening`` above describe that map's output.
     """
     masks = mask if isinstance(mask, Tensor) else coupling_masks(
         mask, n_features, n_couplings, generator
@@ -175,6 +176,8 @@ def build_realnvp(
     layers: list[nn.Module] = []
     if power is not None:
         layers += [Standardize(power[0], power[1]), YeoJohnson(power[2])]
+        if len(power) > 3:
+            layers += [Standardize(power[3], power[4]), SinhArcsinh(power[5])]
     if loc is not None and scale is not None:
         layers.append(Standardize(loc, scale))
     if whitening is not None:

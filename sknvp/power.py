@@ -1,4 +1,5 @@
-r"""The Yeo-Johnson power transform as a flow layer, and its exponents from data (torch only).
+r"""Per-feature flow layers for skewed and heavy-tailed features, and their parameters from
+data (torch only): the Yeo-Johnson power transform and a sinh-arcsinh tail map.
 
 Yeo and Johnson's (2000) transform of a real :math:`z` with exponent :math:`\lambda` is
 
@@ -22,6 +23,14 @@ same flow after this map (7.5 on breast cancer's raw features).
 :class:`~sknvp.RealNVPDensity` (``power_transform``) puts this map, on standardised
 features, before the couplings where held-out rows score the flow's start higher with it
 (five folds on at most 1,000 rows, else the validation rows).
+
+A flow of affine couplings on a Gaussian base also keeps Gaussian-like tails: each coupling
+scales by a bounded factor, so no stack of them turns a Gaussian into a Student-t or a
+Cauchy (Jaini et al., 2020, "Tails of Lipschitz triangular flows"). On heavy-tailed features
+that costs the flow up to 1.4 nats per row in 3-D (Cauchy). :class:`SinhArcsinh` follows the
+Yeo-Johnson map where a feature's tail weight pays its price (:func:`fit_marginal_maps`);
+its :math:`\tau_\delta(u) = \sinh(\delta \operatorname{asinh} u) / \delta` grows like
+:math:`|u|^\delta` far out, and like :math:`\log |u|` at :math:`\delta = 0`.
 """
 
 from __future__ import annotations
@@ -31,9 +40,20 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["YeoJohnson", "fit_yeo_johnson", "yeo_johnson", "yeo_johnson_inverse"]
+__all__ = [
+    "SinhArcsinh",
+    "YeoJohnson",
+    "fit_marginal_maps",
+    "fit_yeo_johnson",
+    "sinh_arcsinh",
+    "sinh_arcsinh_inverse",
+    "yeo_johnson",
+    "yeo_johnson_inverse",
+]
 
 LAMBDA_RANGE = (0.0, 2.0)  # the exponents that map the real line onto itself
+DELTA_RANGE = (0.0, 1.0)  # tail weights: 1 the identity, towards 0 heavier tails drawn in
+_FIT_ROWS = 20_000  # rows the marginal maps are fitted on, at most (a seeded subsample)
 _EPS = 1e-12  # |c| below this: the logarithmic limit of (e^{c a} - 1) / c
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -140,6 +160,88 @@ class YeoJohnson(nn.Module):
         return f"lmbda={[round(v, 3) for v in self.lmbda.tolist()]}"
 
 
+def _sinh_ratio(c: Tensor, a: Tensor) -> Tensor:
+    """:math:`\\sinh(c a) / c`, and its limit ``a`` at ``c = 0``."""
+    small = c.abs() < _EPS
+    safe = torch.where(small, torch.ones_like(c), c)
+    return torch.where(small, a, torch.sinh(c * a) / safe)
+
+
+def _asinh_ratio(c: Tensor, v: Tensor) -> Tensor:
+    """:math:`\\operatorname{asinh}(c v) / c`, and its limit ``v`` at ``c = 0``."""
+    small = c.abs() < _EPS
+    safe = torch.where(small, torch.ones_like(c), c)
+    return torch.where(small, v, torch.asinh(c * v) / safe)
+
+
+def _log_cosh(x: Tensor) -> Tensor:
+    """:math:`\\log\\cosh x` without overflow: :math:`|x| + \\log(1 + e^{-2|x|}) - \\log 2`."""
+    a = x.abs()
+    return a + torch.log1p(torch.exp(-2.0 * a)) - math.log(2.0)
+
+
+def _log_hypot1(u: Tensor) -> Tensor:
+    """:math:`\\tfrac12 \\log(1 + u^2)` without overflow."""
+    return torch.hypot(u, torch.ones_like(u)).log()
+
+
+def sinh_arcsinh(u: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The tail map :math:`\tau_\delta(u) = \sinh(\delta \operatorname{asinh} u) /
+    \delta` element-wise (``delta`` broadcast over the last dimension;
+    :math:`\operatorname{asinh} u` at :math:`\delta = 0`) and its log-derivative
+    :math:`\log\cosh(\delta \operatorname{asinh} u) - \tfrac12 \log(1 + u^2)`.
+
+    Jones and Pewsey's (2009) sinh-arcsinh transform with tail weight :math:`\delta` and no
+    skew, divided by :math:`\delta` so that it has a limit at 0. It is the identity at
+    :math:`\delta = 1` and near 0, and grows like :math:`|u|^\delta` far out: below 1 it
+    draws a heavy tail in (a Student-t's to nearly Gaussian, a Cauchy's logarithmically at
+    :math:`\delta = 0`). Every :math:`\delta \ge 0` maps the real line onto itself."""
+    a = torch.asinh(u)
+    return _sinh_ratio(delta, a), _log_cosh(delta * a) - _log_hypot1(u)
+
+
+def sinh_arcsinh_inverse(v: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """The inverse :math:`\\tau_\\delta^{-1}(v) = \\sinh(\\operatorname{asinh}(\\delta v) /
+    \\delta)` element-wise, and its log-derivative."""
+    a = _asinh_ratio(delta, v)
+    u = torch.sinh(a)
+    return u, _log_hypot1(u) - _log_cosh(delta * a)
+
+
+class SinhArcsinh(nn.Module):
+    r"""Fixed element-wise tail map :math:`u_j \mapsto \tau_{\delta_j}(u_j)`
+    (:func:`sinh_arcsinh`; no trainable parameters), for standardised features. Its
+    log-determinant differs from row to row.
+
+    Parameters
+    ----------
+    delta : Tensor of shape (n_features,)
+        The tail weights, each at least 0 (1 leaves a feature as it is; the fitted ones lie
+        in :data:`DELTA_RANGE`).
+    """
+
+    def __init__(self, delta: Tensor) -> None:
+        super().__init__()
+        delta = torch.as_tensor(delta)
+        if delta.dim() != 1 or not bool(((delta >= 0) & torch.isfinite(delta)).all()):
+            raise ValueError(
+                f"SinhArcsinh needs a vector of finite tail weights of at least 0, got "
+                f"{delta.tolist()}."
+            )
+        self.register_buffer("delta", delta.clone())
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, log_d = sinh_arcsinh(x, self.delta)
+        return y, log_d.sum(-1)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, log_d = sinh_arcsinh_inverse(y, self.delta)
+        return x, log_d.sum(-1)
+
+    def extra_repr(self) -> str:
+        return f"delta={[round(v, 3) for v in self.delta.tolist()]}"
+
+
 def _profile_log_likelihood(z: Tensor, w: Tensor, lmbda: float) -> float:
     """Mean log-likelihood of one feature ``z`` (weights ``w`` summing to 1) under the best
     Gaussian after :math:`\\psi_\\lambda`, up to a constant that does not depend on
@@ -208,3 +310,114 @@ def fit_yeo_johnson(z: Tensor, weights: Tensor | None = None) -> Tensor:
         if f(best) - f(1.0) > price:
             lmbda[j] = best
     return lmbda
+
+
+def _after_power(z: Tensor, w: Tensor, lmbda: float) -> tuple[Tensor, float] | None:
+    """One feature ``z`` (weights ``w`` summing to 1) after :math:`\psi_\lambda` and a
+    standardisation, and the mean log-derivative of the two; None where that is constant."""
+    y, log_d = yeo_johnson(z, z.new_tensor(lmbda))
+    mean = w @ y
+    sd = math.sqrt(float(w @ (y - mean).square()))
+    if not sd > 0:
+        return None
+    return (y - mean) / sd, float(w @ log_d) - math.log(sd)
+
+
+def _tail_profile(u: Tensor, w: Tensor, delta: float) -> float:
+    """Mean log-likelihood of standardised ``u`` under the best Gaussian after
+    :math:`\tau_\delta`, up to a constant that does not depend on :math:`\delta`."""
+    v, log_t = sinh_arcsinh(u, u.new_tensor(delta))
+    var = float(w @ (v - w @ v).square())
+    if not var > 0:
+        return -math.inf
+    return -0.5 * math.log(var) + float(w @ log_t)
+
+
+def _tail_weight(col: Tensor, w: Tensor, lmbda: float, price: float) -> tuple[float, float]:
+    """The exponent and tail weight of one standardised feature: among its Yeo-Johnson
+    exponent ``lmbda`` alone (its own price already paid), a tail weight alone and both
+    fitted together (coordinate ascent), the one of the highest log-likelihood (a Gaussian
+    after the map) less ``price`` per parameter beyond ``lmbda``'s."""
+    powered: dict[float, tuple[Tensor, float] | None] = {}
+
+    def f(lam: float, delta: float) -> float:
+        if lam not in powered:
+            powered[lam] = _after_power(col, w, lam)
+        if powered[lam] is None:  # a constant feature: nothing beats the identity
+            return 0.0 if (lam, delta) == (1.0, 1.0) else -math.inf
+        u, const = powered[lam]
+        return const + _tail_profile(u, w, delta)
+
+    tail_only = _golden_maximum(lambda d: f(1.0, d), *DELTA_RANGE, tol=1e-3)
+    if f(1.0, tail_only) - f(1.0, 1.0) <= price:  # no tail to speak of: the exponent alone
+        return lmbda, 1.0
+    lam = _golden_maximum(lambda t: f(t, 1.0), *LAMBDA_RANGE)
+    delta = 1.0
+    for _ in range(2):
+        delta = _golden_maximum(lambda d, lam=lam: f(lam, d), *DELTA_RANGE, tol=1e-3)
+        lam = _golden_maximum(lambda t, delta=delta: f(t, delta), *LAMBDA_RANGE)
+    paid = 0.0 if lmbda == 1.0 else price
+    candidates = [
+        (f(lmbda, 1.0), lmbda, 1.0),
+        (f(1.0, tail_only) - price + paid, 1.0, tail_only),
+        (f(lam, delta) - 2.0 * price + paid, lam, delta),
+    ]
+    _, lam, delta = max(candidates, key=lambda c: c[0])
+    return lam, delta
+
+
+def fit_marginal_maps(
+    z: Tensor, weights: Tensor | None = None, *, tails: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A Yeo-Johnson exponent and a tail weight for each column of ``z`` (standardised
+    features), for the map :math:`z \\mapsto \\tau_\\delta((\\psi_\\lambda(z) - m) / s)`.
+
+    The exponents are :func:`fit_yeo_johnson`'s. With ``tails``, each feature may also get a
+    tail weight in :data:`DELTA_RANGE` (:func:`sinh_arcsinh`), alone or with its exponent
+    fitted again beside it, where that beats the exponent alone by the Bayesian information
+    criterion's price, :math:`\\tfrac12 \\log n` per parameter (a Gaussian after the map,
+    as there); a feature whose tail weight alone does not pay that price keeps its exponent
+    alone. On more than 20,000 rows of positive weight both are fitted on a seeded
+    subsample of that many.
+
+    Returns
+    -------
+    lmbda, loc, scale, delta : Tensors of shape (n_features,)
+        The exponents; the weighted mean and standard deviation of the columns after
+        :math:`\\psi_\\lambda` (all rows); the tail weights (1: none). float64, on ``z``'s
+        device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sknvp.power import fit_marginal_maps
+    >>> g = torch.Generator().manual_seed(0)
+    >>> normal = torch.randn(2000, generator=g, dtype=torch.float64)
+    >>> cauchy = torch.tan(torch.pi * (torch.rand(2000, generator=g, dtype=torch.float64) - 0.5))
+    >>> z = torch.stack([normal, (cauchy - cauchy.mean()) / cauchy.std()], 1)
+    >>> lmbda, loc, scale, delta = fit_marginal_maps(z)
+    >>> float(delta[0]), float(delta[1]) < 0.2
+    (1.0, True)
+    """
+    z = torch.as_tensor(z, dtype=torch.float64)
+    w = (torch.ones(z.shape[0], dtype=z.dtype, device=z.device) if weights is None
+         else torch.as_tensor(weights, dtype=z.dtype, device=z.device))
+    fit_z, fit_w = z[w > 0], w[w > 0]
+    if fit_z.shape[0] > _FIT_ROWS:
+        gen = torch.Generator().manual_seed(0)
+        pick = torch.randperm(fit_z.shape[0], generator=gen)[:_FIT_ROWS].to(z.device)
+        fit_z, fit_w = fit_z[pick], fit_w[pick]
+    lmbda = fit_yeo_johnson(fit_z, fit_w)
+    delta = torch.ones_like(lmbda)
+    n = fit_z.shape[0]
+    if tails and n >= 3:
+        fit_w = fit_w / fit_w.sum()
+        price = 0.5 * math.log(n) / n
+        for j in range(z.shape[1]):
+            lam, d = _tail_weight(fit_z[:, j], fit_w, float(lmbda[j]), price)
+            lmbda[j], delta[j] = lam, d
+    y = yeo_johnson(z, lmbda)[0]
+    total = w.sum()
+    loc = (w @ y) / total if total > 0 else y.mean(0)
+    scale = (w @ (y - loc).square() / total).sqrt() if total > 0 else y.std(0)
+    return lmbda, loc, torch.where(scale > 0, scale, torch.ones_like(scale)), delta
