@@ -281,6 +281,37 @@ def _power_transform(X, sample_weight, tails: bool = False) -> tuple | None:
             torch.as_tensor(scale, dtype=torch.float64), lmbda, tail_loc, tail_scale, delta)
 
 
+_MAP_NAMES = ("plain", "Yeo-Johnson", "tail-weighted")
+
+
+def _exponents_only(power: tuple) -> tuple | None:
+    """The Yeo-Johnson part of the map ``power`` of :func:`_power_transform`, without the
+    features that have a tail weight: an exponent alone stretches one of a feature's two
+    tails polynomially, which on a heavy tail puts far rows at absurd log-densities (a
+    Cauchy's exponent of 2 scored held-out rows at -838 on average). None if nothing is
+    left."""
+    if len(power) == 3:
+        return power
+    loc, scale, lmbda, _, _, delta = power
+    lmbda = torch.where(delta < 1.0, torch.ones_like(lmbda), lmbda)
+    return None if bool((lmbda == 1.0).all()) else (loc, scale, lmbda)
+
+
+def _map_at(power: tuple | None, level: int) -> tuple | None:
+    """The map ``power`` of :func:`_power_transform` at ``level``: none (0), the
+    Yeo-Johnson exponents (1; :func:`_exponents_only`), all of it (2)."""
+    if level == 0 or power is None:
+        return None
+    return power if level == 2 else _exponents_only(power)
+
+
+def _same_map(a: tuple | None, b: tuple | None) -> bool:
+    """Whether two maps of :func:`_power_transform` are the same (both None included)."""
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
 def _marginal_rows(X: np.ndarray, power: tuple) -> np.ndarray:
     """The rows of ``X`` after the map ``power`` of :func:`_power_transform` (float64)."""
     loc, scale, lmbda = power[:3]
@@ -735,8 +766,10 @@ class RealNVPDensity(
     ) -> RealNVPFlow:
         """Build a fresh flow for ``X`` (subclasses override for other architectures);
         ``valid``, the validation rows and weights if any, may guide the build: with
-        ``power_transform="auto"`` they choose between the starts with and without the
-        Yeo-Johnson transform (:meth:`_power_transform_gain`)."""
+        ``power_transform="auto"`` they choose the per-feature map: the start with the
+        Yeo-Johnson exponents against the plain one, then, where some feature has a tail
+        weight, the start with the weights too against the one kept
+        (:meth:`_power_transform_gain`)."""
         power = None
         if self.power_transform is not None:
             power = _power_transform(X, sample_weight, self.heavy_tails)
@@ -744,29 +777,47 @@ class RealNVPDensity(
             return self._build_flow(X, sample_weight, sizes, mask, whiten, seed, valid)
         if self.power_transform != "auto":
             return self._build_flow(X, sample_weight, sizes, mask, whiten, seed, valid, power)
-        z, where, built = self._power_transform_gain(
-            X, sample_weight, (sizes, mask, whiten), seed, valid, power
-        )
-        use = z >= _MIN_GAIN_SE
-        if self.verbose:
-            print(f"Yeo-Johnson start against the plain one, {where}: {z:+.2f} standard "
-                  f"errors; {'transform' if use else 'none'} kept")
-        if built is not None:
-            flow, shrinkage = built[use]
-            if shrinkage is not None:
-                self._start_shrinkage = shrinkage
+        # Nested: the exponents against the plain start, then the tails against the winner.
+        spec = (sizes, mask, whiten)
+        steps = [(1, _exponents_only(power))]
+        if len(power) > 3:
+            steps.append((2, power))
+        level, kept, flow, prebuilt = 0, None, None, None
+        for candidate, candidate_map in steps:
+            if candidate_map is None:  # no exponent passes: the tails face the plain start
+                continue
+            z, where, built = self._power_transform_gain(
+                X, sample_weight, spec, seed, valid, (candidate_map, kept), (candidate, level),
+                prebuilt,
+            )
+            use = z >= _MIN_GAIN_SE
+            if self.verbose:
+                what = "Yeo-Johnson" if candidate == 1 else "tail-weighted"
+                print(f"{what} start against the {_MAP_NAMES[level]} one, {where}: {z:+.2f} "
+                      f"standard errors; {'transform' if use else 'none'} kept")
+            if use:
+                level, kept = candidate, candidate_map
+            flow, prebuilt = None, None
+            if built is not None:
+                prebuilt = built[use]
+                flow, shrinkage = prebuilt
+                if shrinkage is not None:
+                    self._start_shrinkage = shrinkage
+        if flow is not None:
             return flow
-        return self._build_flow(
-            X, sample_weight, sizes, mask, whiten, seed, valid, power if use else None
-        )
+        return self._build_flow(X, sample_weight, sizes, mask, whiten, seed, valid, kept)
 
-    def _power_transform_gain(self, X, sample_weight, spec, seed: int, valid, power):
-        """How many standard errors (paired per row) the start with the Yeo-Johnson map
-        ``power`` scores held-out rows above the plain start, where they were held out, and
-        the two starts of ``X`` with their shrinkage (``{False: plain, True: powered}``) if
-        building them was part of it. On at most ``_CV_MAX_ROWS`` rows (``X`` and the
-        validation rows) the rows are ``couplings_cv`` folds, each scored by the starts
-        built without it, the map's exponents chosen again there; on more, or without
+    def _power_transform_gain(
+        self, X, sample_weight, spec, seed: int, valid, maps, levels, prebuilt=None
+    ):
+        """How many standard errors (paired per row) the start with the per-feature map
+        ``maps[0]`` scores held-out rows above the start with ``maps[1]`` (None: plain),
+        where they were held out, and the two starts of ``X`` with their shrinkage
+        (``{False: maps[1]'s, True: maps[0]'s}``) if building them was part of it
+        (``prebuilt``, if given, is ``maps[1]``'s, built before). On at
+        most ``_CV_MAX_ROWS`` rows (``X`` and the validation rows) the rows are
+        ``couplings_cv`` folds, each scored by the starts built without it, the maps chosen
+        again there at their ``levels`` (see :func:`_map_at`); on more, or without
         ``couplings_cv``, they are the validation rows."""
         rows = np.concatenate([X, valid[0]])
         weights = np.concatenate([sample_weight, valid[1]])
@@ -774,13 +825,15 @@ class RealNVPDensity(
         if self.couplings_cv is None or not (
             2 * self.couplings_cv <= len(positive) <= _CV_MAX_ROWS
         ):
-            built = {}
+            built = {} if prebuilt is None else {False: prebuilt}
             for use in (True, False):
+                if use in built:
+                    continue
                 with warnings.catch_warnings():
                     if not use:  # the data's warnings came with the first build
                         warnings.simplefilter("ignore", UserWarning)
                     flow = self._build_flow(
-                        X, sample_weight, *spec, seed, valid, power if use else None
+                        X, sample_weight, *spec, seed, valid, maps[0] if use else maps[1]
                     )
                 built[use] = (flow, vars(self).get("_start_shrinkage"))
             x = torch.as_tensor(valid[0], dtype=torch.float64)
@@ -794,8 +847,8 @@ class RealNVPDensity(
         with warnings.catch_warnings():  # the data's warnings come with the final build
             warnings.simplefilter("ignore", UserWarning)
             try:
-                gains = self._fold_gains(rows, weights, folds, spec, seed)
-            except (ValueError, RuntimeError):  # a fold's start failed: keep the plain flow
+                gains = self._fold_gains(rows, weights, folds, spec, seed, levels)
+            except (ValueError, RuntimeError):  # a fold's start failed: keep the simpler flow
                 return -math.inf, "out of fold (a fold failed)", None
         gain = torch.cat(gains)
         held_w = torch.as_tensor(weights[np.concatenate(folds)], dtype=torch.float64)
@@ -808,22 +861,24 @@ class RealNVPDensity(
         rng = np.random.RandomState(seed % 2**32)
         return np.array_split(rows[rng.permutation(len(rows))], self.couplings_cv), rng
 
-    def _fold_gains(self, rows, weights, folds, spec, seed) -> list[torch.Tensor]:
-        """For each fold, its rows' log-densities under the start with the Yeo-Johnson map
-        of the other folds' rows minus those under the plain start."""
+    def _fold_gains(self, rows, weights, folds, spec, seed, levels) -> list[torch.Tensor]:
+        """For each fold, its rows' log-densities under the start with the per-feature map
+        at ``levels[0]`` of the other folds' rows minus those under the start with the map
+        at ``levels[1]`` (see :func:`_map_at`)."""
         gains = []
         for k, held in enumerate(folds):
             other = np.concatenate(folds[:k] + folds[k + 1:])
             x_o, w_o = rows[other], weights[other]
             x = torch.as_tensor(rows[held], dtype=torch.float64)
             fold_power = _power_transform(x_o, w_o, self.heavy_tails)
-            plain = self._build_flow(x_o, w_o, *spec, seed)
+            fold_map, fold_reference = (_map_at(fold_power, level) for level in levels)
+            reference = self._build_flow(x_o, w_o, *spec, seed, None, fold_reference)
             with torch.no_grad():
-                base = evaluate_log_prob(plain, x)
-                if fold_power is None:
+                base = evaluate_log_prob(reference, x)
+                if _same_map(fold_map, fold_reference):
                     gains.append(torch.zeros_like(base))
                     continue
-                powered = self._build_flow(x_o, w_o, *spec, seed, None, fold_power)
+                powered = self._build_flow(x_o, w_o, *spec, seed, None, fold_map)
                 gains.append(evaluate_log_prob(powered, x) - base)
         return gains
 

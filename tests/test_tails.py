@@ -307,3 +307,21 @@ def test_whitening_and_kernel_axes_after_the_tail_layer():
     with torch.no_grad():
         u = flow.transform(torch.as_tensor(X))[0].numpy()
     np.testing.assert_allclose(np.cov(u.T, bias=True), np.eye(3), atol=1e-4)
+
+
+@settings(deadline=None)
+@given(delta=st.lists(deltas, min_size=1, max_size=4), seed=seeds)
+def test_layer_without_autograd_is_the_autograd_path(delta, seed):
+    gen = torch.Generator().manual_seed(seed)
+    layer = SinhArcsinh(torch.tensor(delta, dtype=torch.float64))
+    x = 10.0 * torch.randn(50, len(delta), generator=gen, dtype=torch.float64)
+    x[0] = 1e150  # far out: no overflow on either path
+    with torch.enable_grad():
+        want = layer(x)
+        want_inv = layer.inverse(want[0])
+    with torch.no_grad():
+        got = layer(x)
+        got_inv = layer.inverse(got[0])
+    for a, b in zip((*got, *got_inv), (*want, *want_inv), strict=True):
+        assert torch.isfinite(a).all()
+        np.testing.assert_allclose(a.numpy(), b.detach().numpy(), rtol=1e-10, atol=1e-9)
