@@ -461,8 +461,10 @@ class RealNVPDensity(
         a Gaussian base has Gaussian-like tails whatever its weights, so it scores
         Student-t or Cauchy-like features (returns, ratios, measurement outliers) far below
         their density. A weight is kept where it beats the exponent alone by the BIC's price
-        (:func:`~sknvp.power.fit_marginal_maps`), and ``"auto"`` judges the whole map, tails
-        included, on held-out rows as above.
+        (:func:`~sknvp.power.fit_marginal_maps`). ``"auto"`` judges the exponents first,
+        without the features that have a tail weight (an exponent alone stretches one of a
+        heavy tail's two sides polynomially), then the tail weights against the start it
+        kept, each on held-out rows as above (one more fit of the start's mixture).
     scale_bound : float, default=2.0
         Soft bound on each coupling's log-scale: :math:`s = \beta\tanh(\tilde s/\beta)`.
     max_iter : int, default=150

@@ -325,3 +325,40 @@ def test_layer_without_autograd_is_the_autograd_path(delta, seed):
     for a, b in zip((*got, *got_inv), (*want, *want_inv), strict=True):
         assert torch.isfinite(a).all()
         np.testing.assert_allclose(a.numpy(), b.detach().numpy(), rtol=1e-10, atol=1e-9)
+
+
+def test_exponents_alone_leave_out_the_features_with_a_tail_weight():
+    from sknvp._density import _exponents_only, _map_at
+
+    ones = torch.ones(3, dtype=torch.float64)
+    lmbda = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    delta = torch.tensor([1.0, 0.0, 0.3], dtype=torch.float64)
+    power = (ones, ones, lmbda, ones, ones, delta)
+    loc, scale, got = _exponents_only(power)
+    np.testing.assert_array_equal(got.numpy(), [0.5, 1.0, 1.0])
+    light = power[:3]
+    assert _exponents_only(light) is light
+    assert _exponents_only((ones, ones, torch.tensor([1.0, 2.0, 1.0]), ones, ones, delta)) is None
+    assert _map_at(power, 0) is None and _map_at(power, 2) is power and _map_at(None, 1) is None
+
+
+def test_auto_judges_the_exponents_then_the_tails(capsys):
+    # A skewed feature beside a heavy-tailed one: exponents first (the heavy-tailed
+    # feature left out), then the tail weights against the start with the exponents.
+    rng = np.random.RandomState(9)
+    X = np.column_stack([rng.beta(2.0, 5.0, 3000), rng.standard_cauchy(3000)])
+    est = _fit(X, verbose=1, max_iter=2)
+    out = capsys.readouterr().out
+    first = out.index("Yeo-Johnson start against the plain one, on the validation rows")
+    # against the Yeo-Johnson start if that was kept, else against the plain one
+    kept = "transform kept" in out[first:].splitlines()[0]
+    second = out.index("tail-weighted start against the "
+                       + ("Yeo-Johnson" if kept else "plain") + " one")
+    assert first < second
+    assert (est.tail_weights_ is not None) == out[second:].splitlines()[0].endswith(
+        "transform kept")
+    # Only heavy tails: the exponents-only candidate is empty, the tails face the plain start.
+    _fit(_cauchy(3000, 2, 10), verbose=1, max_iter=2)
+    out = capsys.readouterr().out
+    assert "Yeo-Johnson start" not in out
+    assert "tail-weighted start against the plain one" in out
