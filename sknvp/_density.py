@@ -450,7 +450,8 @@ class RealNVPDensity(
         higher (paired per row): with at most 1,000 rows (and ``couplings_cv``) every row,
         in ``couplings_cv`` folds scored by the starts built without them, else the
         validation rows. It needs ``early_stopping`` and costs a second fit of the start's
-        mixture (ten more on folds). ``"yeo-johnson"`` always uses it, None
+        mixture (ten more on folds), and a third where some feature has a tail weight
+        (``heavy_tails``). ``"yeo-johnson"`` always uses it, None
         never. The log-density includes the map's log-derivative, so it stays a density in
         the units of ``X``.
     heavy_tails : bool, default=True

@@ -164,7 +164,8 @@ def build_realnvp(
         Randomness for ``mask="random"`` (weights use the global RNG: fork it to seed them).
     base : GaussianMixtureBase, optional
         Base density over the output of the last layer; None for a standard normal.
-    power : tuple of Tensors (loc, scale, lmbda) or (loc, scale, lmbda, tail_loc, tail_scale, delta), optional
+    power : tuple of 3 or 6 Tensors, optional
+        ``(loc, scale, lmbda)`` or ``(loc, scale, lmbda, tail_loc, tail_scale, delta)``.
         If given, the flow starts with :class:`~sknvp.transforms.Standardize` ``(loc,
         scale)`` and :class:`~sknvp.power.YeoJohnson` ``(lmbda)``, then, with six entries,
         ``Standardize(tail_loc, tail_scale)`` and :class:`~sknvp.power.SinhArcsinh`

@@ -26,11 +26,12 @@ features, before the couplings where held-out rows score the flow's start higher
 
 A flow of affine couplings on a Gaussian base also keeps Gaussian-like tails: each coupling
 scales by a bounded factor, so no stack of them turns a Gaussian into a Student-t or a
-Cauchy (Jaini et al., 2020, "Tails of Lipschitz triangular flows"). On heavy-tailed features
-that costs the flow up to 1.4 nats per row in 3-D (Cauchy). :class:`SinhArcsinh` follows the
-Yeo-Johnson map where a feature's tail weight pays its price (:func:`fit_marginal_maps`);
-its :math:`\tau_\delta(u) = \sinh(\delta \operatorname{asinh} u) / \delta` grows like
-:math:`|u|^\delta` far out, and like :math:`\log |u|` at :math:`\delta = 0`.
+Cauchy (Jaini et al., 2020, "Tails of Lipschitz triangular flows"). On a 3-D Cauchy sample
+that cost the flow 0.3 to 11 nats per held-out row (three seeds). :class:`SinhArcsinh`
+follows the Yeo-Johnson map where a feature's tail weight pays its price
+(:func:`fit_marginal_maps`); its :math:`\tau_\delta(u) = \sinh(\delta
+\operatorname{asinh} u) / \delta` grows like :math:`|u|^\delta` far out, and like
+:math:`\log |u|` at :math:`\delta = 0`.
 """
 
 from __future__ import annotations

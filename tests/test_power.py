@@ -1,4 +1,5 @@
-"""The Yeo-Johnson layer (sknvp.power) and the estimator's ``power_transform``."""
+"""The Yeo-Johnson layer (sknvp.power) and the estimator's ``power_transform`` (the tail
+layer's own tests are in test_tails.py)."""
 
 import pickle
 
@@ -117,15 +118,21 @@ def test_rows_of_weight_zero_do_not_count():
     )
 
 
-def test_flow_with_the_layer_integrates_to_one_in_2d():
+_YJ_2D = (torch.tensor([0.5, -0.2]), torch.tensor([1.5, 0.8]), torch.tensor([0.6, 1.4]))
+_TAILS_2D = (torch.tensor([0.1, 0.0]), torch.tensor([1.2, 1.0]), torch.tensor([0.7, 0.8]))
+
+
+@pytest.mark.parametrize(("power", "half_width", "points"), [
+    (_YJ_2D, 40, 1601),
+    ((*_YJ_2D[:2], torch.tensor([0.6, 1.0]), *_TAILS_2D), 60, 2401),  # with a tail layer
+])
+def test_flow_with_the_layer_integrates_to_one_in_2d(power, half_width, points):
     torch.manual_seed(0)
-    flow = build_realnvp(
-        2, n_couplings=2, hidden_layer_sizes=(8,),
-        power=(torch.tensor([0.5, -0.2]), torch.tensor([1.5, 0.8]), torch.tensor([0.6, 1.4])),
-    ).double()
+    flow = build_realnvp(2, n_couplings=2, hidden_layer_sizes=(8,), power=power).double()
+    assert len(flow.transform) == 2 * len(power) // 3 + 2
     for p in flow.parameters():
         p.data.normal_(0, 0.3)
-    g = torch.linspace(-40, 40, 1601, dtype=torch.float64)
+    g = torch.linspace(-half_width, half_width, points, dtype=torch.float64)
     xx, yy = torch.meshgrid(g, g, indexing="ij")
     with torch.no_grad():
         logp = flow.log_prob(torch.stack([xx.ravel(), yy.ravel()], 1))
@@ -133,13 +140,16 @@ def test_flow_with_the_layer_integrates_to_one_in_2d():
     assert abs(mass - 1.0) < 5e-3
 
 
-def test_hand_derived_gradient_takes_the_layer():
+@pytest.mark.parametrize("tails", [None, (0.0, 0.5, 1.0)])
+def test_hand_derived_gradient_takes_the_layer(tails):
     torch.manual_seed(1)
     d = 3
+    power = (torch.zeros(d), torch.ones(d), torch.tensor([0.2, 1.0, 1.7]))
+    if tails is not None:  # a sinh-arcsinh layer after it
+        power = (*power, torch.zeros(d), torch.ones(d), torch.tensor(tails))
     flow = build_realnvp(
         d, n_couplings=2, hidden_layer_sizes=(16,), mask="alternating",
-        loc=torch.zeros(d), scale=torch.ones(d),
-        power=(torch.zeros(d), torch.ones(d), torch.tensor([0.2, 1.0, 1.7])),
+        loc=torch.zeros(d), scale=torch.ones(d), power=power,
     ).double()
     flow.base = GaussianMixtureBase(
         torch.tensor([0.3, 0.7]), torch.randn(2, d), torch.eye(d).expand(2, d, d)
@@ -149,7 +159,7 @@ def test_hand_derived_gradient_takes_the_layer():
     x = 2.0 * torch.randn(64, d, dtype=torch.float64)
     w = torch.rand(64, dtype=torch.float64)
     manual = manual_gradient(flow)
-    assert manual is not None
+    assert manual is not None and manual.prefix_varies
     loss = manual.loss_and_grad(x, w)
     got = [p.grad.clone() for p in flow.parameters()]
     flow.zero_grad()
