@@ -309,3 +309,19 @@ def test_auto_judges_the_exponents_then_the_tails(capsys):
     out = capsys.readouterr().out
     assert "Yeo-Johnson start" not in out
     assert "tail-weighted start against the plain one" in out
+
+
+def test_kernel_axes_are_taken_after_the_tail_layer():
+    # A kernel base's axes are the Jacobian of the (affine) layers after the last fixed
+    # element-wise layer: here the flow's own standardisation, scale (2, 4).
+    from sknvp._density import _feature_axes
+    from sknvp.flows import build_realnvp
+
+    ones = torch.ones(2, dtype=torch.float64)
+    flow = build_realnvp(
+        2, n_couplings=2, hidden_layer_sizes=(4,), loc=torch.zeros(2),
+        scale=torch.tensor([2.0, 4.0]),
+        power=(ones, ones, torch.tensor([0.5, 1.0]), ones, ones, torch.tensor([0.0, 0.3])),
+    ).double()
+    axes = _feature_axes(flow, torch.tensor([[30.0, -7.0]], dtype=torch.float64))
+    np.testing.assert_allclose(axes.numpy(), np.diag([1.0, 0.5]), atol=1e-12)
