@@ -250,14 +250,11 @@ def _leading_standardize(module: torch.nn.Module) -> Standardize | None:
     return None
 
 
-def _power_layer(module: torch.nn.Module) -> YeoJohnson | None:
-    """The flow's Yeo-Johnson layer, if it has one."""
-    return next((m for m in module.modules() if isinstance(m, YeoJohnson)), None)
-
-
-def _tail_layer(module: torch.nn.Module) -> SinhArcsinh | None:
-    """The flow's sinh-arcsinh tail layer, if it has one."""
-    return next((m for m in module.modules() if isinstance(m, SinhArcsinh)), None)
+def _fixed_buffer(module: torch.nn.Module, layer_type: type, name: str) -> np.ndarray | None:
+    """Buffer ``name`` of the flow's first ``layer_type`` layer (a copy), None without
+    one."""
+    layer = next((m for m in module.modules() if isinstance(m, layer_type)), None)
+    return None if layer is None else getattr(layer, name).detach().cpu().numpy().copy()
 
 
 def _power_transform(X, sample_weight, tails: bool = False) -> tuple | None:
@@ -272,13 +269,11 @@ def _power_transform(X, sample_weight, tails: bool = False) -> tuple | None:
     lmbda, tail_loc, tail_scale, delta = fit_marginal_maps(
         torch.as_tensor((X - loc) / scale), torch.as_tensor(sample_weight), tails=tails
     )
+    power = (torch.as_tensor(loc, dtype=torch.float64),
+             torch.as_tensor(scale, dtype=torch.float64), lmbda)
     if bool((delta == 1.0).all()):
-        if bool((lmbda == 1.0).all()):
-            return None
-        return (torch.as_tensor(loc, dtype=torch.float64),
-                torch.as_tensor(scale, dtype=torch.float64), lmbda)
-    return (torch.as_tensor(loc, dtype=torch.float64),
-            torch.as_tensor(scale, dtype=torch.float64), lmbda, tail_loc, tail_scale, delta)
+        return None if bool((lmbda == 1.0).all()) else power
+    return (*power, tail_loc, tail_scale, delta)
 
 
 _MAP_NAMES = ("plain", "Yeo-Johnson", "tail-weighted")
@@ -875,14 +870,13 @@ class RealNVPDensity(
             x = torch.as_tensor(rows[held], dtype=torch.float64)
             fold_power = _power_transform(x_o, w_o, self.heavy_tails)
             fold_map, fold_reference = (_map_at(fold_power, level) for level in levels)
+            if _same_map(fold_map, fold_reference):  # the same start: no gain, nothing built
+                gains.append(torch.zeros(len(x), dtype=torch.float64))
+                continue
             reference = self._build_flow(x_o, w_o, *spec, seed, None, fold_reference)
+            powered = self._build_flow(x_o, w_o, *spec, seed, None, fold_map)
             with torch.no_grad():
-                base = evaluate_log_prob(reference, x)
-                if _same_map(fold_map, fold_reference):
-                    gains.append(torch.zeros_like(base))
-                    continue
-                powered = self._build_flow(x_o, w_o, *spec, seed, None, fold_map)
-                gains.append(evaluate_log_prob(powered, x) - base)
+                gains.append(evaluate_log_prob(powered, x) - evaluate_log_prob(reference, x))
         return gains
 
     def _build_flow(
@@ -1108,16 +1102,14 @@ class RealNVPDensity(
         """Exponents of the fitted flow's Yeo-Johnson transform; None without one."""
         if "module_" not in vars(self):
             raise AttributeError("'power_lambdas_' is set by fit")
-        layer = _power_layer(self.module_)
-        return None if layer is None else layer.lmbda.detach().cpu().numpy().copy()
+        return _fixed_buffer(self.module_, YeoJohnson, "lmbda")
 
     @property
     def tail_weights_(self) -> np.ndarray | None:
         """Tail weights of the fitted flow's sinh-arcsinh layer; None without one."""
         if "module_" not in vars(self):
             raise AttributeError("'tail_weights_' is set by fit")
-        layer = _tail_layer(self.module_)
-        return None if layer is None else layer.delta.detach().cpu().numpy().copy()
+        return _fixed_buffer(self.module_, SinhArcsinh, "delta")
 
     @property
     def n_components_(self) -> int | None:
