@@ -612,7 +612,7 @@ def run_cell(name: str, ds: DataSet, cfg: Config) -> dict:
 # ===================================================================================== runs
 
 
-def environment(threads: int | None) -> dict:
+def environment(threads: int | None, heap: str | None = None) -> dict:
     import sklearn
     import torch
 
@@ -635,6 +635,7 @@ def environment(threads: int | None) -> dict:
         "sknvp": getattr(sknvp, "__version__", "?"),
         "peers": peer_versions(),
         "load_avg_start": load,
+        "heap": heap,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
@@ -663,6 +664,41 @@ def _git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (rev + ("+dirty" if dirty else "")) or None
+
+
+# glibc's mallopt parameters (malloc.h) and the values a steady heap fixes them at.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_STEADY_MMAP_BYTES = 32 * 2**20  # glibc's largest dynamic threshold on 64-bit systems
+_STEADY_TRIM_BYTES = 2**30
+
+
+def steady_heap() -> str | None:
+    """Fix glibc's heap thresholds for the rest of the process; a description, or None where
+    the C library is not glibc (or refuses).
+
+    By default glibc serves a block above its mmap threshold (128 KiB at start, raised to
+    the size of the largest such block freed so far, at most 32 MiB) with fresh pages from
+    the system, and hands the top of the heap back once more than twice that threshold lies
+    free there. Which of a method's large temporaries then fault fresh pages in depends on
+    what the process did before: the peers score in 65,536-row batches (16 MiB hidden
+    layers), and normflows scored the 10-D mixture at 269k to 328k rows per CPU second in a
+    process that had done little else and at 405k to 532k with the thresholds fixed
+    (2026-12-07, ninth session). With both fixed high for the whole run, blocks up to 32
+    MiB come from a heap that stays grown, for every method alike."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP_BYTES) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, _STEADY_TRIM_BYTES) == 1 and ok
+    except (OSError, AttributeError):
+        return None
+    if not ok:
+        return None
+    return (
+        f"glibc heap thresholds fixed (mmap {_STEADY_MMAP_BYTES >> 20} MiB, "
+        f"trim {_STEADY_TRIM_BYTES >> 30} GiB)"
+    )
 
 
 def set_threads(threads: int | None):
@@ -701,9 +737,11 @@ def warm_up(methods) -> None:
             method.sample(16, 0)
 
 
-def _start_results(cfg: Config, path: Path, merge: bool, threads: int | None) -> tuple:
+def _start_results(
+    cfg: Config, path: Path, merge: bool, threads: int | None, heap: str | None
+) -> tuple:
     """Fresh results, or (``--merge``) the earlier ones with this run logged as a merged run."""
-    env = environment(threads)
+    env = environment(threads, heap)
     if not (merge and path.exists()):
         return {"config": _config_dict(cfg), "environment": env, "sets": {}}, {}, env
     results = json.loads(path.read_text())
@@ -712,10 +750,17 @@ def _start_results(cfg: Config, path: Path, merge: bool, threads: int | None) ->
 
 
 def run_benchmark(
-    cfg: Config, sets, methods, out_dir: Path, merge: bool = False, threads: int | None = None
+    cfg: Config,
+    sets,
+    methods,
+    out_dir: Path,
+    merge: bool = False,
+    threads: int | None = None,
+    heap: str | None = None,
 ) -> dict:
+    """``heap``: what :func:`steady_heap` did, if it was called (recorded, not done here)."""
     path = out_dir / "results.json"
-    results, old, env = _start_results(cfg, path, merge, threads)
+    results, old, env = _start_results(cfg, path, merge, threads, heap)
     # Every earlier set and cell stays until its rerun replaces it: the file is rewritten after
     # each cell, and a run stopped half way must not lose the sets and cells it had not
     # reached yet (it did: an interrupted --merge run left only the sets it had started).
@@ -971,12 +1016,13 @@ def _header(results) -> str:
     env, cfg = results["environment"], results["config"]
     peers = ", ".join(f"{k} {v}" for k, v in env["peers"].items() if v) or "none installed"
     quick = "; QUICK MODE (tiny, not meaningful)" if cfg["quick"] else ""
+    heap = f" {env['heap']}." if env.get("heap") else ""
     return (
         f"Run {env['date']}: Python {env['python']}, torch {env['torch']} "
         f"({env['torch_threads']} threads), scikit-learn {env['sklearn']}, numpy {env['numpy']}, "
         f"sknvp {env['sknvp']} (commit {env.get('git') or '?'}); peers: {peers}. "
         f"{env['cpu_count']} CPUs, load average at start {_fmt_load(env.get('load_avg_start'))}, "
-        f"at end {_fmt_load(env.get('load_avg_end'))}. {cfg['repeats']} fit(s) per cell{quick}."
+        f"at end {_fmt_load(env.get('load_avg_end'))}.{heap} {cfg['repeats']} fit(s) per cell{quick}."
     )
 
 
@@ -1777,6 +1823,14 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="epochs at the matched architecture")
     p.add_argument("--throughput-rows", type=int, default=None)
     p.add_argument(
+        "--heap",
+        choices=("steady", "default"),
+        default="steady",
+        help="steady: fix glibc's heap thresholds for the run, so that the speed of large "
+        "temporaries does not depend on what ran before (see steady_heap); default: leave "
+        "the C library's own",
+    )
+    p.add_argument(
         "--peer-loop",
         choices=("dataloader", "tensor"),
         default="dataloader",
@@ -1857,7 +1911,10 @@ def main(argv=None) -> dict | str:
         print(report(results, args.out, doc))
         return results
     methods = _split(args.methods, METHODS, "methods") if args.methods else list(METHODS)
-    results = run_benchmark(cfg, sets, methods, args.out, merge=args.merge, threads=args.threads)
+    heap = steady_heap() if args.heap == "steady" else None
+    results = run_benchmark(
+        cfg, sets, methods, args.out, merge=args.merge, threads=args.threads, heap=heap
+    )
     print(report(results, args.out, doc))
     return results
 
