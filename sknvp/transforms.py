@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .nets import constant_like
+from .nets import MLP, constant_like
 
 __all__ = [
     "AffineCoupling",
@@ -429,6 +429,14 @@ class TriangularWhitening(nn.Module):
         return z @ self.chol.T, self._log_diag().expand(z.shape[0])
 
 
+# Widest part (features) a run of couplings is applied to transposed during inference on CPU.
+# A coupling's scale and shift are then row blocks rather than a few strided columns, which
+# element-wise passes stream through faster: matched flows (eight couplings of 64x64, float32,
+# one thread) scored 1.33x as many rows per second on 6 features, 1.17x on 10, 1.03-1.07x on
+# 16 to 50, and 0.94x on 64 (parts of 32), so parts of up to 16 features run transposed.
+COLUMNS_MAX_WIDTH = 16
+
+
 class _CouplingRun:
     """Layers ``start:stop`` of a stack: consecutive :class:`SplitAffineCoupling` layers that
     all keep one of the same two complementary index sets (``left``, holding the lowest
@@ -477,7 +485,53 @@ class _CouplingRun:
         joined = torch.cat([left, right], dim=1)
         return joined if self.unsplit is None else joined.index_select(1, self.unsplit)
 
+    def _on_columns(self, x: Tensor) -> bool:
+        """Whether to run on the transposed parts (features by rows): inference on CPU, both
+        parts of 2 to :data:`COLUMNS_MAX_WIDTH` features (one-feature parts keep their
+        conditioners' tables), and conditioners that :meth:`MLP.runs_on_columns`."""
+        return (
+            not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dim() == 2
+            and 2 <= min(len(self.left), len(self.right))
+            and max(len(self.left), len(self.right)) <= COLUMNS_MAX_WIDTH
+            and all(
+                type(layer.conditioner) is MLP and layer.conditioner.runs_on_columns()
+                for layer in self.layers
+            )
+        )
+
+    def _split_columns(self, x: Tensor) -> list[Tensor]:
+        x_t = x.t().contiguous()
+        if self.boundary is not None:
+            return [x_t[: self.boundary], x_t[self.boundary:]]
+        return [x_t.index_select(0, self.left), x_t.index_select(0, self.right)]
+
+    def _join_columns(self, left: Tensor, right: Tensor) -> Tensor:
+        joined = torch.cat([left, right], dim=0)
+        if self.unsplit is not None:
+            joined = joined.index_select(0, self.unsplit)
+        return joined.t().contiguous()
+
+    @staticmethod
+    def _scale_shift_columns(layer: SplitAffineCoupling, kept: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`SplitAffineCoupling._scale_shift` on transposed parts."""
+        if layer.input_low is not None:
+            kept = torch.clamp(kept, layer.input_low.unsqueeze(1), layer.input_high.unsqueeze(1))
+        out = layer.conditioner.forward_columns(kept)
+        n_free = out.shape[0] // 2
+        return _bounded_log_scale(out[:n_free], layer.scale_bound), out[n_free:]
+
     def forward(self, x: Tensor, log_det: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self._on_columns(x):
+            parts = self._split_columns(x)
+            for layer, kept_left in zip(self.layers, self.kept_left, strict=True):
+                kept, free = (0, 1) if kept_left else (1, 0)
+                s, t = self._scale_shift_columns(layer, parts[kept])
+                ld = s.sum(0)
+                parts[free] = torch.addcmul(t, parts[free], s.exp_(), out=s)
+                log_det = ld if log_det is None else log_det + ld
+            return self._join_columns(*parts), log_det
         parts = list(self.split(x))
         for layer, kept_left in zip(self.layers, self.kept_left, strict=True):
             kept, free = (0, 1) if kept_left else (1, 0)
@@ -487,6 +541,17 @@ class _CouplingRun:
         return self.join(*parts), log_det
 
     def inverse(self, z: Tensor, log_det: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self._on_columns(z):
+            parts = self._split_columns(z)
+            for layer, kept_left in zip(
+                reversed(self.layers), reversed(self.kept_left), strict=True
+            ):
+                kept, free = (0, 1) if kept_left else (1, 0)
+                s, t = self._scale_shift_columns(layer, parts[kept])
+                ld = s.sum(0).neg_()
+                parts[free] = torch.sub(parts[free], t).mul_(s.neg_().exp_())
+                log_det = ld if log_det is None else log_det + ld
+            return self._join_columns(*parts), log_det
         parts = list(self.split(z))
         for layer, kept_left in zip(
             reversed(self.layers), reversed(self.kept_left), strict=True
@@ -541,8 +606,10 @@ class FlowSequential(nn.Sequential):
     Runs of :class:`SplitAffineCoupling` layers that split into the same two index sets
     (``"alternating"`` and ``"checkerboard"`` masks: all the couplings; ``"permuted"``: each
     pair) are applied to the two parts without a split and a join per layer (same results;
-    5 to 10 % faster inference in 10 to 50 dimensions). Layers with hooks are called one by
-    one, as usual.
+    5 to 10 % faster inference in 10 to 50 dimensions). Without autograd on CPU, runs whose
+    two parts have 2 to ``COLUMNS_MAX_WIDTH`` features work on the parts transposed (the same
+    numbers to rounding; 1.17 times faster on 10 features). Layers with hooks are called one
+    by one, as usual.
     """
 
     def __getstate__(self) -> dict:

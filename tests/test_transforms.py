@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import activations, mask_kinds, n_couplings, n_features, randomize_, seeds
 
+from sknvp import transforms
 from sknvp.flows import build_realnvp
 from sknvp.masks import alternating_mask, coupling_masks, parity_mask
 from sknvp.nets import MLP, tanh_
@@ -507,10 +508,12 @@ def _one_by_one(flow, x, inverse=False):
 
 @pytest.mark.parametrize("kind", ["alternating", "checkerboard", "permuted", "random"])
 @pytest.mark.parametrize("d", [2, 5, 8])
-def test_runs_of_couplings_compute_what_the_layers_compute_one_by_one(kind, d):
+def test_runs_of_couplings_compute_what_the_layers_compute_one_by_one(kind, d, monkeypatch):
     # FlowSequential applies consecutive couplings that split into the same two index sets
     # to the two parts (one split and one join per run): the same numbers as layer by layer,
-    # forward and inverse, with and without autograd.
+    # forward and inverse, with and without autograd. (Parts on rows, as here, are the same
+    # to the bit; the transposed parts of inference are checked in the next test.)
+    monkeypatch.setattr(transforms, "COLUMNS_MAX_WIDTH", 0)
     flow = _flow(d, 6, kind, "relu", False, 3)
     runs = [item for item in flow.transform._plan() if type(item).__name__ == "_CouplingRun"]
     expected_runs = {"alternating": 1, "checkerboard": 1, "permuted": 1 if d == 2 else 3}
@@ -529,6 +532,83 @@ def test_runs_of_couplings_compute_what_the_layers_compute_one_by_one(kind, d):
     xr = x.clone().requires_grad_(True)
     _one_by_one(flow, xr)[1].sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-12, atol=1e-12)
+
+
+def _column_calls(monkeypatch) -> list:
+    calls = []
+    split = transforms._CouplingRun._split_columns
+
+    def spy(run, x):
+        calls.append(run)
+        return split(run, x)
+
+    monkeypatch.setattr(transforms._CouplingRun, "_split_columns", spy)
+    return calls
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "tanh", "elu"])
+@pytest.mark.parametrize(
+    ("kind", "d"),
+    [
+        ("alternating", 4), ("checkerboard", 5), ("permuted", 9), ("alternating", 32),
+        ("permuted", 40),
+    ],
+)
+@pytest.mark.parametrize("clip", [False, True])
+def test_inference_on_transposed_parts_computes_what_the_parts_on_rows_do(
+    kind, d, act, clip, monkeypatch
+):
+    # Without autograd on CPU, runs whose parts have 2 to COLUMNS_MAX_WIDTH features work on
+    # the parts transposed (features by rows): the same map and log-determinant to rounding,
+    # forward and inverse, clipped conditioner inputs included; the input is left alone.
+    flow = _flow(d, 6, kind, act, False, 4)
+    if clip:
+        for layer in flow.transform:
+            if isinstance(layer, SplitAffineCoupling):
+                n = len(layer._kept_idx)
+                layer.set_input_range(-torch.rand(n) - 0.2, torch.rand(n) + 0.2)
+    x = _inputs(d, 2, n=37)
+    x_before = x.clone()
+    calls = _column_calls(monkeypatch)
+    with torch.no_grad():
+        got = [flow.transform(x), flow.transform.inverse(x)]
+    runs = [i for i in flow.transform._plan() if type(i).__name__ == "_CouplingRun"]
+    widths = [sorted((len(r.left), len(r.right))) for r in runs]
+    narrow = [w for w in widths if w[0] >= 2 and w[1] <= transforms.COLUMNS_MAX_WIDTH]
+    assert len(calls) == 2 * len(narrow) and bool(narrow) == (d <= 32)  # 40: parts of 20
+    assert torch.equal(x, x_before)
+    monkeypatch.setattr(transforms, "COLUMNS_MAX_WIDTH", 0)
+    with torch.no_grad():
+        want = [flow.transform(x), flow.transform.inverse(x)]
+    for (a, la), (b, lb) in zip(got, want, strict=True):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+
+
+def test_transposed_parts_are_left_to_autograd_hooks_and_other_networks(monkeypatch):
+    # The transposed path is for inference with plain MLP conditioners only: autograd, a
+    # hook on a conditioner's layer and an activation without an in-place form (GELU) keep
+    # the layers' own calls.
+    calls = _column_calls(monkeypatch)
+    flow = _flow(6, 4, "alternating", "relu", False, 0)
+    x = _inputs(6, 0)
+    flow.transform(x)  # autograd on
+    assert calls == []
+    seen = []
+    layer = flow.transform[1].conditioner[0]
+    handle = layer.register_forward_hook(lambda m, args, out: seen.append(m))
+    with torch.no_grad():
+        flow.transform(x)
+    handle.remove()
+    assert calls == [] and seen == [layer]
+    with torch.no_grad():
+        flow.transform(x)
+    assert len(calls) == 1
+    gelu = _flow(6, 4, "alternating", "gelu", False, 0)
+    with torch.no_grad():
+        gelu.transform(x)
+    assert len(calls) == 1
 
 
 def test_runs_respect_hooks_and_are_rebuilt_after_changes():
