@@ -240,6 +240,22 @@ def _tails_inverse_without_grad(v: Tensor, delta: Tensor) -> tuple[Tensor, Tenso
     return u, torch.hypot(u, one).div_(torch.hypot(dv, one)).log_().sum(-1)
 
 
+def _on_moved_features(fn, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """``fn(x, delta)`` (a no-grad map of :class:`SinhArcsinh`) on the features whose weight
+    is not 1 only: the others are left exactly as they are, with log-determinant 0. A fitted
+    layer usually moves a few features of many (10 of digits' 64 pixels), and ``asinh`` and
+    ``sinh`` cost some 20 ns per element on CPU."""
+    moved = delta != 1.0
+    if bool(moved.all()):
+        return fn(x, delta)
+    y = x.clone()
+    if not bool(moved.any()):
+        return y, x.new_zeros(x.shape[:-1])
+    idx = torch.nonzero(moved).flatten()
+    part, log_det = fn(x.index_select(-1, idx), delta.index_select(0, idx))
+    return y.index_copy_(x.dim() - 1, idx, part), log_det
+
+
 class SinhArcsinh(nn.Module):
     r"""Fixed element-wise tail map :math:`u_j \mapsto \tau_{\delta_j}(u_j)`
     (:func:`sinh_arcsinh`; no trainable parameters), for standardised features. Its
@@ -264,13 +280,13 @@ class SinhArcsinh(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if not torch.is_grad_enabled():
-            return _tails_without_grad(x, self.delta)
+            return _on_moved_features(_tails_without_grad, x, self.delta)
         y, log_d = sinh_arcsinh(x, self.delta)
         return y, log_d.sum(-1)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         if not torch.is_grad_enabled():
-            return _tails_inverse_without_grad(y, self.delta)
+            return _on_moved_features(_tails_inverse_without_grad, y, self.delta)
         x, log_d = sinh_arcsinh_inverse(y, self.delta)
         return x, log_d.sum(-1)
 

@@ -258,6 +258,31 @@ def test_layer_without_autograd_is_the_autograd_path(delta, seed):
         np.testing.assert_allclose(a.numpy(), b.detach().numpy(), rtol=1e-10, atol=1e-9)
 
 
+@pytest.mark.parametrize("delta", [[1.0, 0.3, 1.0, 0.0], [1.0, 1.0], [0.5, 0.2]])
+def test_layer_without_autograd_leaves_features_of_weight_one_exactly(delta):
+    # Inference maps only the features whose weight is not 1 (fitted layers move a few of
+    # many): the others come back bit for bit, with log-determinant 0; the rest is the
+    # autograd path's to rounding, and the input is left alone.
+    layer = SinhArcsinh(torch.tensor(delta, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(0)
+    x = 10.0 * torch.randn(40, len(delta), generator=gen, dtype=torch.float64)
+    x_before = x.clone()
+    with torch.enable_grad():
+        want = layer(x)
+    with torch.no_grad():
+        y, log_det = layer(x)
+        back, inv_log_det = layer.inverse(y)
+    assert torch.equal(x, x_before) and y is not x and back is not y
+    ones = torch.tensor(delta) == 1.0
+    assert torch.equal(y[:, ones], x[:, ones]) and torch.equal(back[:, ones], x[:, ones])
+    np.testing.assert_allclose(y.numpy(), want[0].detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(log_det.numpy(), want[1].detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(back.numpy(), x.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(inv_log_det.numpy(), -log_det.numpy(), atol=1e-10)
+    if bool(ones.all()):
+        assert not log_det.any() and not inv_log_det.any()
+
+
 def test_exponents_alone_leave_out_the_features_with_a_tail_weight():
     from sknvp._density import _exponents_only, _map_at
 
