@@ -59,18 +59,18 @@ _EPS = 1e-12  # |c| below this: the logarithmic limit of (e^{c a} - 1) / c
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
-def _expm1_ratio(c: Tensor, a: Tensor) -> Tensor:
-    """:math:`(e^{c a} - 1) / c`, and its limit ``a`` at ``c = 0``."""
-    small = c.abs() < _EPS
-    safe = torch.where(small, torch.ones_like(c), c)
-    return torch.where(small, a, torch.expm1(c * a) / safe)
+def _divisor(c: Tensor, small: Tensor) -> Tensor:
+    """``c`` with 1 where ``small``: a divisor that is never 0 (those entries are replaced
+    by their limit afterwards)."""
+    return torch.where(small, torch.ones_like(c), c)
 
 
-def _log1p_ratio(c: Tensor, v: Tensor) -> Tensor:
-    """:math:`\\log(1 + c v) / c` for ``v >= 0``, ``c >= 0``, and its limit ``v`` at 0."""
+def _ratio(fn, c: Tensor, a: Tensor) -> Tensor:
+    """:math:`f(c a) / c` element-wise, and its limit ``a`` at ``c = 0``, for an ``fn`` with
+    :math:`f(0) = 0` and :math:`f'(0) = 1` (``expm1``, ``log1p`` for ``c a > -1``, ``sinh``,
+    ``asinh``)."""
     small = c.abs() < _EPS
-    safe = torch.where(small, torch.ones_like(c), c)
-    return torch.where(small, v, torch.log1p(c * v) / safe)
+    return torch.where(small, a, fn(c * a) / _divisor(c, small))
 
 
 def yeo_johnson(z: Tensor, lmbda: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,14 +80,14 @@ def yeo_johnson(z: Tensor, lmbda: Tensor) -> tuple[Tensor, Tensor]:
     # branch's gradient, and the derivative at 0 is the positive branch's, 1.
     up, down = torch.log1p(z.clamp_min(0.0)), torch.log1p((-z).clamp_min(0.0))
     at = z >= 0
-    y = torch.where(at, _expm1_ratio(lmbda, up), -_expm1_ratio(2.0 - lmbda, down))
+    y = torch.where(at, _ratio(torch.expm1, lmbda, up), -_ratio(torch.expm1, 2.0 - lmbda, down))
     return y, (lmbda - 1.0) * torch.where(at, up, -down)
 
 
 def yeo_johnson_inverse(y: Tensor, lmbda: Tensor) -> tuple[Tensor, Tensor]:
     """The inverse :math:`\\psi_\\lambda^{-1}(y)` element-wise, and its log-derivative."""
-    pos = _log1p_ratio(lmbda, y.clamp_min(0.0))  # log(1 + z) where y >= 0
-    neg = _log1p_ratio(2.0 - lmbda, (-y).clamp_min(0.0))  # log(1 - z) where y < 0
+    pos = _ratio(torch.log1p, lmbda, y.clamp_min(0.0))  # log(1 + z) where y >= 0
+    neg = _ratio(torch.log1p, 2.0 - lmbda, (-y).clamp_min(0.0))  # log(1 - z) where y < 0
     at = y >= 0
     return (torch.where(at, torch.expm1(pos), -torch.expm1(neg)),
             (1.0 - lmbda) * torch.where(at, pos, -neg))
@@ -161,20 +161,6 @@ class YeoJohnson(nn.Module):
         return f"lmbda={[round(v, 3) for v in self.lmbda.tolist()]}"
 
 
-def _sinh_ratio(c: Tensor, a: Tensor) -> Tensor:
-    """:math:`\\sinh(c a) / c`, and its limit ``a`` at ``c = 0``."""
-    small = c.abs() < _EPS
-    safe = torch.where(small, torch.ones_like(c), c)
-    return torch.where(small, a, torch.sinh(c * a) / safe)
-
-
-def _asinh_ratio(c: Tensor, v: Tensor) -> Tensor:
-    """:math:`\\operatorname{asinh}(c v) / c`, and its limit ``v`` at ``c = 0``."""
-    small = c.abs() < _EPS
-    safe = torch.where(small, torch.ones_like(c), c)
-    return torch.where(small, v, torch.asinh(c * v) / safe)
-
-
 def _log_cosh(x: Tensor) -> Tensor:
     """:math:`\\log\\cosh x` without overflow: :math:`|x| + \\log(1 + e^{-2|x|}) - \\log 2`."""
     a = x.abs()
@@ -198,13 +184,13 @@ def sinh_arcsinh(u: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     draws a heavy tail in (a Student-t's to nearly Gaussian, a Cauchy's logarithmically at
     :math:`\delta = 0`). Every :math:`\delta \ge 0` maps the real line onto itself."""
     a = torch.asinh(u)
-    return _sinh_ratio(delta, a), _log_cosh(delta * a) - _log_hypot1(u)
+    return _ratio(torch.sinh, delta, a), _log_cosh(delta * a) - _log_hypot1(u)
 
 
 def sinh_arcsinh_inverse(v: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     """The inverse :math:`\\tau_\\delta^{-1}(v) = \\sinh(\\operatorname{asinh}(\\delta v) /
     \\delta)` element-wise, and its log-derivative."""
-    a = _asinh_ratio(delta, v)
+    a = _ratio(torch.asinh, delta, v)
     u = torch.sinh(a)
     return u, _log_hypot1(u) - _log_cosh(delta * a)
 
@@ -220,7 +206,7 @@ def _tails_without_grad(u: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     a = torch.asinh(u)
     s = torch.sinh(a * delta)
     log_det = torch.hypot(s, one).div_(torch.hypot(u, one)).log_().sum(-1)
-    y = s.div_(torch.where(small, torch.ones_like(delta), delta))
+    y = s.div_(_divisor(delta, small))
     if bool(small.any()):
         y = torch.where(small, a, y)
     return y, log_det
@@ -232,8 +218,7 @@ def _tails_inverse_without_grad(v: Tensor, delta: Tensor) -> tuple[Tensor, Tenso
     small = delta.abs() < _EPS
     one = v.new_ones(())
     dv = v * delta
-    safe = torch.where(small, torch.ones_like(delta), delta)
-    a = torch.asinh(dv).div_(safe)
+    a = torch.asinh(dv).div_(_divisor(delta, small))
     if bool(small.any()):
         a = torch.where(small, v, a)
     u = torch.sinh(a)

@@ -48,24 +48,29 @@ def _bounded_log_scale(raw_s: Tensor, bound: float) -> Tensor:
     return sig.mul_(constant_like(2.0 * bound, raw_s)).sub_(constant_like(bound, raw_s))
 
 
-def _scale_forward(x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def _scale_forward(
+    x: Tensor, s: Tensor, t: Tensor, transposed: bool = False
+) -> tuple[Tensor, Tensor]:
     """``x * exp(s) + t`` and the sum of ``s`` over features; without autograd ``s`` (a fresh
     tensor of the caller's, shaped like ``x``) is overwritten by ``exp(s)`` and then by the
     result instead of allocating more. (Writing into ``s`` rather than a new tensor also
     spares ``addcmul`` a slow path: with ``t`` a strided view of the conditioner's output
-    and a fresh output it ran 2-3x slower at 4,096 x 32 float32; the same numbers.)"""
+    and a fresh output it ran 2-3x slower at 4,096 x 32 float32; the same numbers.)
+    ``transposed``: inference on features by rows, summed over dimension 0."""
     if torch.is_grad_enabled():
         return torch.addcmul(t, x, torch.exp(s)), _sum_except_batch(s)
-    log_det = _sum_except_batch(s)
+    log_det = s.sum(0) if transposed else _sum_except_batch(s)
     return torch.addcmul(t, x, s.exp_(), out=s), log_det
 
 
-def _scale_inverse(z: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def _scale_inverse(
+    z: Tensor, s: Tensor, t: Tensor, transposed: bool = False
+) -> tuple[Tensor, Tensor]:
     """``(z - t) * exp(-s)`` and minus the sum of ``s``; without autograd in place on ``s``
-    and on the difference."""
+    and on the difference (``transposed`` as for :func:`_scale_forward`)."""
     if torch.is_grad_enabled():
         return (z - t) * torch.exp(-s), -_sum_except_batch(s)
-    log_det = _sum_except_batch(s).neg_()
+    log_det = (s.sum(0) if transposed else _sum_except_batch(s)).neg_()
     return torch.sub(z, t).mul_(s.neg_().exp_()), log_det
 
 
@@ -522,45 +527,27 @@ class _CouplingRun:
         n_free = out.shape[0] // 2
         return _bounded_log_scale(out[:n_free], layer.scale_bound), out[n_free:]
 
-    def forward(self, x: Tensor, log_det: Tensor | None) -> tuple[Tensor, Tensor]:
-        if self._on_columns(x):
-            parts = self._split_columns(x)
-            for layer, kept_left in zip(self.layers, self.kept_left, strict=True):
-                kept, free = (0, 1) if kept_left else (1, 0)
-                s, t = self._scale_shift_columns(layer, parts[kept])
-                ld = s.sum(0)
-                parts[free] = torch.addcmul(t, parts[free], s.exp_(), out=s)
-                log_det = ld if log_det is None else log_det + ld
-            return self._join_columns(*parts), log_det
-        parts = list(self.split(x))
-        for layer, kept_left in zip(self.layers, self.kept_left, strict=True):
+    def _run(self, x: Tensor, log_det: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The layers (in reverse and inverted if ``inverse``) on the two parts of ``x``."""
+        transposed = self._on_columns(x)
+        parts = self._split_columns(x) if transposed else list(self.split(x))
+        scale = _scale_inverse if inverse else _scale_forward
+        order = zip(self.layers, self.kept_left, strict=True)
+        for layer, kept_left in reversed(list(order)) if inverse else order:
             kept, free = (0, 1) if kept_left else (1, 0)
-            s, t = layer._scale_shift(parts[kept])
-            parts[free], ld = _scale_forward(parts[free], s, t)
+            if transposed:
+                s, t = self._scale_shift_columns(layer, parts[kept])
+            else:
+                s, t = layer._scale_shift(parts[kept])
+            parts[free], ld = scale(parts[free], s, t, transposed)
             log_det = ld if log_det is None else log_det + ld
-        return self.join(*parts), log_det
+        return (self._join_columns if transposed else self.join)(*parts), log_det
+
+    def forward(self, x: Tensor, log_det: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._run(x, log_det, inverse=False)
 
     def inverse(self, z: Tensor, log_det: Tensor | None) -> tuple[Tensor, Tensor]:
-        if self._on_columns(z):
-            parts = self._split_columns(z)
-            for layer, kept_left in zip(
-                reversed(self.layers), reversed(self.kept_left), strict=True
-            ):
-                kept, free = (0, 1) if kept_left else (1, 0)
-                s, t = self._scale_shift_columns(layer, parts[kept])
-                ld = s.sum(0).neg_()
-                parts[free] = torch.sub(parts[free], t).mul_(s.neg_().exp_())
-                log_det = ld if log_det is None else log_det + ld
-            return self._join_columns(*parts), log_det
-        parts = list(self.split(z))
-        for layer, kept_left in zip(
-            reversed(self.layers), reversed(self.kept_left), strict=True
-        ):
-            kept, free = (0, 1) if kept_left else (1, 0)
-            s, t = layer._scale_shift(parts[kept])
-            parts[free], ld = _scale_inverse(parts[free], s, t)
-            log_det = ld if log_det is None else log_det + ld
-        return self.join(*parts), log_det
+        return self._run(z, log_det, inverse=True)
 
 
 def coupling_runs(layers: list[nn.Module]) -> list[_CouplingRun]:
