@@ -627,6 +627,7 @@ def environment(threads: int | None, heap: str | None = None) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_description(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "threads_arg": threads,
@@ -638,6 +639,27 @@ def environment(threads: int | None, heap: str | None = None) -> dict:
         "heap": heap,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def cpu_description() -> str | None:
+    """The processor's model name and the widest vector instructions torch's CPU kernels use
+    (e.g. ``"AMD EPYC, AVX2"``): ratios between methods move from one host to another (a
+    host with AVX-512 runs the matmuls two to four times faster than the operations around
+    them), so a table is read with its host."""
+    import torch
+
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                None,
+            )
+    except OSError:
+        pass
+    model = model or platform.processor() or None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return ", ".join(part for part in (model, capability) if part) or None
 
 
 def _git_revision() -> str | None:
@@ -1017,11 +1039,12 @@ def _header(results) -> str:
     peers = ", ".join(f"{k} {v}" for k, v in env["peers"].items() if v) or "none installed"
     quick = "; QUICK MODE (tiny, not meaningful)" if cfg["quick"] else ""
     heap = f" {env['heap']}." if env.get("heap") else ""
+    cpu = f" ({env['cpu']})" if env.get("cpu") else ""
     return (
         f"Run {env['date']}: Python {env['python']}, torch {env['torch']} "
         f"({env['torch_threads']} threads), scikit-learn {env['sklearn']}, numpy {env['numpy']}, "
         f"sknvp {env['sknvp']} (commit {env.get('git') or '?'}); peers: {peers}. "
-        f"{env['cpu_count']} CPUs, load average at start {_fmt_load(env.get('load_avg_start'))}, "
+        f"{env['cpu_count']} CPUs{cpu}, load average at start {_fmt_load(env.get('load_avg_start'))}, "
         f"at end {_fmt_load(env.get('load_avg_end'))}.{heap} {cfg['repeats']} fit(s) per cell{quick}."
     )
 

@@ -102,6 +102,20 @@ def test_steady_heap_fixes_glibcs_thresholds_and_the_run_records_it(quick_run):
     assert f"{out}." in bench._header(fixed)
 
 
+def test_run_records_the_processor_and_the_header_names_it(quick_run):
+    # Ratios between methods depend on the host (AVX-512 against AVX2), so the run records
+    # the processor and the vector instructions torch uses, and the tables' header says them.
+    import torch
+
+    bench, results, _, _ = quick_run
+    cpu = results["environment"]["cpu"]
+    assert cpu == bench.cpu_description()
+    assert cpu.endswith(torch.backends.cpu.get_cpu_capability())
+    assert f"CPUs ({cpu})," in bench._header(results)
+    older = {**results, "environment": {**results["environment"], "cpu": None}}
+    assert "CPUs, load average" in bench._header(older)  # runs recorded before this
+
+
 def test_doc_block_created_when_markers_absent(tmp_path):
     # write_block appends the generated block to a file without markers and replaces it later.
     bench = _load_script()
