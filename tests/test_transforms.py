@@ -580,10 +580,12 @@ def test_inference_on_transposed_parts_computes_what_the_parts_on_rows_do(
     monkeypatch.setattr(transforms, "COLUMNS_MAX_WIDTH", 0)
     with torch.no_grad():
         want = [flow.transform(x), flow.transform.inverse(x)]
+    # The two layouts sum each matmul in another order; six layers of exp(-s) amplify the
+    # rounding of the inverse to 5e-12 relative on an AVX2 host (outputs of 4e4): 1e-10.
     for (a, la), (b, lb) in zip(got, want, strict=True):
         assert a.is_contiguous()
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-12)
 
 
 def test_transposed_parts_are_left_to_autograd_hooks_and_other_networks(monkeypatch):
