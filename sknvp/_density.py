@@ -44,6 +44,7 @@ from ._utils import (
     derive_seed,
     map_batches,
     resolve_device,
+    torch_threads_at_most,
 )
 from .em import (
     choose_shrinkage,
@@ -77,6 +78,13 @@ _CPU_CHUNK_BYTES = 2**20
 # one-input conditioners' tables, the base's factors). 2-D defaults scored 1.3 to 1.6 times
 # faster with residuals of 4 MiB than of 1 MiB (float64; two moons, checkerboard; 2026-12-07).
 _CPU_BASE_CHUNK_BYTES = 2**22
+# Training steps of fewer activations than this (rows per step times the widest layer) run
+# on one of torch's threads on CPU. Below it a second thread gained nothing measurable
+# (442 rows of diabetes: 43 s of wall time on one thread or two, twice the CPU time on two;
+# 500 to 1,000 rows of 2-D and 10-D data: 0.93 to 1.03x), while on a machine where another
+# process keeps a core busy, the threads waiting for each other at every operation slowed
+# fits 3.5 to 5 times (diabetes 204 s against 51 s; 2026-12-07, AMD EPYC, 2 cores).
+_THREADED_STEP_ELEMENTS = 2**13
 _GLOBAL_RNG_LOCK = threading.Lock()
 _MIN_GAIN_SE = 1.0  # standard errors the best epoch must beat the start by on validation
 # Up to _CV_MAX_ROWS rows with positive weight (and at least 2 * couplings_cv), that gain is
@@ -1036,6 +1044,11 @@ class RealNVPDensity(
         steps training also sets to zero the weights and Adam's first moments below the
         square root of the smallest normal float (their squares and products would be
         subnormal) and the subnormal second moments.
+
+        On CPU, training steps of fewer than 8,192 activations (rows per step times the
+        widest layer) run on one of torch's threads, and torch's setting is put back after
+        the fit: a second thread gains nothing there, and on a machine with another busy
+        process it made small fits several times slower.
         """
         warm = self._is_warm()
         X = validate_data(
@@ -1217,17 +1230,18 @@ class RealNVPDensity(
         else:
             batch_size = self.batch_size
         generator = torch.Generator().manual_seed(seed)
-        result, optimizer = fit_flow(
-            work, x_tr, x_valid=x_va if len(valid_idx) else None, w_train=w_tr, w_valid=w_va,
-            max_iter=max_iter or self.max_iter, batch_size=batch_size,
-            learning_rate_init=self.learning_rate_init,
-            learning_rate=schedule or self.learning_rate,
-            alpha=alpha, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
-            generator=generator, optimizer=optimizer, verbose=self.verbose,
-            print_fn=self._epoch_printer(X.shape[1]),
-            transform_batch=self._batch_transform(generator, work), keep_better=keep_better,
-            min_gain_se=min_gain_se,
-        )
+        with torch_threads_at_most(_training_threads(work, batch_size, device)):
+            result, optimizer = fit_flow(
+                work, x_tr, x_valid=x_va if len(valid_idx) else None, w_train=w_tr,
+                w_valid=w_va, max_iter=max_iter or self.max_iter, batch_size=batch_size,
+                learning_rate_init=self.learning_rate_init,
+                learning_rate=schedule or self.learning_rate,
+                alpha=alpha, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
+                generator=generator, optimizer=optimizer, verbose=self.verbose,
+                print_fn=self._epoch_printer(X.shape[1]),
+                transform_batch=self._batch_transform(generator, work),
+                keep_better=keep_better, min_gain_se=min_gain_se,
+            )
         if centre is not None:
             work = work.to(torch.float64)
             standardize.loc.copy_(centre.to(standardize.loc.device))
@@ -1878,6 +1892,19 @@ def _check_positive_weights(sample_weight: np.ndarray) -> np.ndarray:
     if not sample_weight.sum() > 0:
         raise ValueError("sample_weight must have a positive sum, got all zeros.")
     return sample_weight
+
+
+def _training_threads(module: torch.nn.Module, batch_size: int, device: torch.device) -> int:
+    """Most of torch's threads a training loop uses: one on CPU where a step's activations
+    (``batch_size`` rows times the widest linear layer of ``module``, a flow without
+    convolutions) are fewer than ``_THREADED_STEP_ELEMENTS``, otherwise torch's own setting."""
+    layers = list(module.modules())
+    linear = [m for m in layers if isinstance(m, torch.nn.Linear)]
+    convolutions = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in layers)
+    if device.type != "cpu" or convolutions or not linear:  # images: activations per pixel
+        return torch.get_num_threads()
+    widest = max(max(m.in_features, m.out_features) for m in linear)
+    return 1 if batch_size * widest < _THREADED_STEP_ELEMENTS else torch.get_num_threads()
 
 
 def _auto_batch_size(n_train: int) -> int:

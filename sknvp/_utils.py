@@ -6,12 +6,20 @@ import copy
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["TORCH_DTYPES", "cast_module", "derive_seed", "map_batches", "resolve_device"]
+__all__ = [
+    "TORCH_DTYPES",
+    "cast_module",
+    "derive_seed",
+    "map_batches",
+    "resolve_device",
+    "torch_threads_at_most",
+]
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -91,6 +99,22 @@ def resolve_device(device: str | torch.device) -> torch.device:
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"Unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'mps'.")
     return dev
+
+
+@contextmanager
+def torch_threads_at_most(n: int) -> Iterator[None]:
+    """Within the block, torch's intra-op work runs on at most ``n`` threads; the setting it
+    found is put back afterwards (also when the block raises). Does nothing where torch
+    already uses ``n`` threads or fewer."""
+    before = torch.get_num_threads()
+    if before <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _row_chunks(n: int, batch_rows: int) -> Iterator[slice]:

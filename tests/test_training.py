@@ -470,3 +470,62 @@ def test_gain_in_standard_errors_is_the_paired_weighted_t_statistic():
     worse = trained.clone()
     worse[0] = -math.inf  # a row the trained weights cannot score
     assert gain_in_standard_errors(worse, start) == -math.inf
+
+
+# ------------------------------------------------------------------ threads of a fit
+
+
+def test_torch_threads_at_most_lowers_and_restores_the_setting():
+    # The setting comes back after the block, also when the block raises; a limit at or
+    # above the current setting changes nothing.
+    from sknvp._utils import torch_threads_at_most
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads_at_most(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"), torch_threads_at_most(1):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        with torch_threads_at_most(3):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "params, n_rows, threads",
+    [
+        # 455 rows of 30 features (breast cancer's size): steps of ~25 rows by 128 features
+        ({}, 455, 1),
+        # steps of 512 rows by 64: torch's own setting
+        ({"batch_size": 512, "hidden_layer_sizes": (64, 64), "n_couplings": 2}, 1200, 2),
+    ],
+)
+def test_fits_with_small_steps_train_on_one_thread(monkeypatch, params, n_rows, threads):
+    # A second thread gained nothing on small steps and made fits 3.5 to 5 times slower on a
+    # machine with another busy process: such fits train on one thread, larger steps keep
+    # torch's setting, and the setting is torch's again after the fit.
+    import numpy as np
+
+    import sknvp._density as density
+    from sknvp import RealNVPDensity
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit_flow(*args, **kwargs)
+
+    monkeypatch.setattr(density, "fit_flow", recording)
+    X = np.random.RandomState(0).standard_normal((n_rows, 30 if not params else 4))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        RealNVPDensity(max_iter=2, random_state=0, **params).fit(X)
+        assert seen and set(seen) == {threads}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
