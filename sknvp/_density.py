@@ -1045,10 +1045,10 @@ class RealNVPDensity(
         square root of the smallest normal float (their squares and products would be
         subnormal) and the subnormal second moments.
 
-        On CPU, training steps of fewer than 8,192 activations (rows per step times the
-        widest layer) run on one of torch's threads, and torch's setting is put back after
-        the fit: a second thread gains nothing there, and on a machine with another busy
-        process it made small fits several times slower.
+        On CPU, a fit whose training steps hold fewer than 8,192 activations (rows per step
+        times the widest layer) runs on one of torch's threads, and torch's setting is put
+        back after it: a second thread gains nothing there, and on a machine with another
+        busy process it made small fits several times slower.
         """
         warm = self._is_warm()
         X = validate_data(
@@ -1061,6 +1061,30 @@ class RealNVPDensity(
         rng = check_random_state(self.random_state)
         seed = derive_seed(rng)
         train_idx, valid_idx = self._split(len(X), rng)
+        threads = self._fit_threads(len(train_idx), X.shape[1], sizes, device)
+        with torch_threads_at_most(threads):
+            return self._fit_split(
+                X, sample_weight, sizes, mask, device, seed, train_idx, valid_idx, warm
+            )
+
+    def _fit_threads(self, n_train: int, n_features: int, sizes, device) -> int:
+        """Hook: most of torch's threads for the rest of :meth:`fit`: one on CPU where the
+        training steps will be small (as :func:`_training_threads`: rows per step times the
+        widest of the features and hidden sizes under ``_THREADED_STEP_ELEMENTS``), so the
+        mixture's EM and the power transform's choice on such data run on one thread too."""
+        if device.type != "cpu":
+            return torch.get_num_threads()
+        if self.batch_size == "auto":
+            batch = self._default_batch_size(n_train)
+        else:
+            batch = self.batch_size
+        widest = max(n_features, *sizes)
+        return 1 if batch * widest < _THREADED_STEP_ELEMENTS else torch.get_num_threads()
+
+    def _fit_split(
+        self, X, sample_weight, sizes, mask, device, seed, train_idx, valid_idx, warm
+    ):
+        """The part of :meth:`fit` after the data's checks and the validation split."""
         if warm:
             result = self._train(
                 self.module_, X, sample_weight, train_idx, valid_idx, device, seed + 1, warm

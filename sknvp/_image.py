@@ -447,6 +447,10 @@ class RealNVPImageDensity(RealNVPDensity):
     def _default_batch_size(self, n_train: int) -> int:
         return min(64, n_train)
 
+    def _fit_threads(self, n_train: int, n_features: int, sizes, device) -> int:
+        # Convolutions: activations per pixel and channel, large steps on few rows.
+        return torch.get_num_threads()
+
     def _inference_dtype(self) -> torch.dtype:
         return torch.float64 if self.device_.type == "cpu" else TORCH_DTYPES[self.dtype]
 

@@ -513,19 +513,27 @@ def test_fits_with_small_steps_train_on_one_thread(monkeypatch, params, n_rows, 
     import sknvp._density as density
     from sknvp import RealNVPDensity
 
-    seen = []
+    seen, built = [], []
 
     def recording(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return fit_flow(*args, **kwargs)
 
+    build = RealNVPDensity._build_module
+
+    def building(self, *args, **kwargs):  # the mixture's EM, the power transform's choice
+        built.append(torch.get_num_threads())
+        return build(self, *args, **kwargs)
+
     monkeypatch.setattr(density, "fit_flow", recording)
+    monkeypatch.setattr(RealNVPDensity, "_build_module", building)
     X = np.random.RandomState(0).standard_normal((n_rows, 30 if not params else 4))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         RealNVPDensity(max_iter=2, random_state=0, **params).fit(X)
         assert seen and set(seen) == {threads}
+        assert built and set(built) == {threads}
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
