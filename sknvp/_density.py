@@ -252,9 +252,10 @@ def _check_training_range(X: np.ndarray, dtype: str) -> None:
 def _leading_standardize(module: torch.nn.Module) -> Standardize | None:
     """The flow's first layer if it is a :class:`Standardize`, else None."""
     layers = getattr(module, "transform", None)
-    if isinstance(layers, torch.nn.Sequential) and len(layers):
-        if isinstance(layers[0], Standardize):
-            return layers[0]
+    if isinstance(layers, torch.nn.Sequential) and len(layers) and isinstance(
+        layers[0], Standardize
+    ):
+        return layers[0]
     return None
 
 
@@ -994,7 +995,7 @@ class RealNVPDensity(
         order = rng.permutation(n)
         if not self.early_stopping:
             return order, order[:0]
-        n_valid = max(1, int(math.ceil(self.validation_fraction * n)))
+        n_valid = max(1, math.ceil(self.validation_fraction * n))
         if n - n_valid < 2:
             raise ValueError(
                 f"early_stopping with validation_fraction={self.validation_fraction} leaves "

@@ -125,7 +125,7 @@ def test_snapshot_is_independent_of_later_training_and_restores_exactly(how):
                 p.add_(0.5)
         before = {k: v.clone() for k, v in flow.state_dict().items()}
     else:
-        take = lambda: _snapshot(flow)  # noqa: E731
+        take = lambda: _snapshot(flow)
     snap = take()
     assert snap.keys() == before.keys()
     with torch.no_grad():
