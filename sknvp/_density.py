@@ -1079,8 +1079,7 @@ class RealNVPDensity(
             batch = self._default_batch_size(n_train)
         else:
             batch = self.batch_size
-        widest = max(n_features, *sizes)
-        return 1 if batch * widest < _THREADED_STEP_ELEMENTS else torch.get_num_threads()
+        return _step_threads(batch, max(n_features, *sizes))
 
     def _fit_split(
         self, X, sample_weight, sizes, mask, device, seed, train_idx, valid_idx, warm
@@ -1928,8 +1927,13 @@ def _training_threads(module: torch.nn.Module, batch_size: int, device: torch.de
     convolutions = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in layers)
     if device.type != "cpu" or convolutions or not linear:  # images: activations per pixel
         return torch.get_num_threads()
-    widest = max(max(m.in_features, m.out_features) for m in linear)
-    return 1 if batch_size * widest < _THREADED_STEP_ELEMENTS else torch.get_num_threads()
+    return _step_threads(batch_size, max(max(m.in_features, m.out_features) for m in linear))
+
+
+def _step_threads(rows: int, widest: int) -> int:
+    """One thread for training steps of ``rows`` by ``widest`` under
+    ``_THREADED_STEP_ELEMENTS`` activations, else torch's own setting."""
+    return 1 if rows * widest < _THREADED_STEP_ELEMENTS else torch.get_num_threads()
 
 
 def _auto_batch_size(n_train: int) -> int:
